@@ -1,0 +1,1 @@
+"""Sub-commands of the ``uepo`` CLI (see ``sb3_uepo.cli``)."""

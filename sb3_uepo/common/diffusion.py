@@ -1,0 +1,296 @@
+"""Diffusion core shared by the online policy and every offline stage.
+
+Three things are kept apart, as in real-stanford/diffusion_policy:
+
+* the noise schedule (:func:`cosine_beta_schedule`, :class:`NoiseSchedule`): pure formulas, tensors are buffers;
+* the denoiser network (:class:`Denoiser`): ``forward(x, k, cond) -> eps``;
+* the chain sampler (:class:`ChainSampler`): samples a denoising chain and scores it. It takes the denoiser
+  as an ``eps_fn`` argument, so the same sampler serves one policy, a stacked ensemble of members
+  (``torch.func.vmap``) or a frozen copy.
+
+As in DPPO (Ren et al. 2024), a denoising chain is treated as a policy: every sampling step is a Gaussian
+``x_{j+1} ~ N(mu_theta(x_j, k_j, s), sigma_j^2)`` with ``sigma_j`` floored at ``min_std``, so
+``log pi(chain | s) = sum_j log N(x_{j+1}; mu_j, sigma_j^2)`` is tractable. The initial noise ``x_0 ~ N(0, I)``
+does not depend on the parameters and is left out of the log-probability.
+
+Shape symbols: ``B`` batch, ``A`` action dimension, ``C`` conditioning (observation) dimension,
+``K`` training diffusion steps, ``S`` sampling steps; a chain is ``(B, S + 1, A)`` with ``chain[:, 0]`` the
+initial noise and ``chain[:, -1]`` the action (in [-1, 1] after clipping by the caller).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+EpsFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+# ---------------------------------------------------------------------------------------------- schedule
+def cosine_beta_schedule(n_steps: int, s: float = 0.008, max_beta: float = 0.999) -> torch.Tensor:
+    """Cosine schedule of Nichol & Dhariwal (2021), float64.
+
+    ``alpha_bar(t) = cos^2(((t / K) + s) / (1 + s) * pi / 2)`` and ``beta_k = 1 - alpha_bar(k + 1) / alpha_bar(k)``,
+    clipped to ``max_beta`` so that the last step stays invertible.
+
+    :param n_steps: number of diffusion steps ``K``
+    :param s: small offset that keeps ``beta_0`` away from zero
+    :param max_beta: upper clip of every ``beta_k``
+    :return: (K,) betas
+    """
+    t = torch.linspace(0, n_steps, n_steps + 1, dtype=torch.float64)
+    alpha_bar = torch.cos(((t / n_steps) + s) / (1 + s) * math.pi / 2) ** 2
+    alpha_bar = alpha_bar / alpha_bar[0]
+    betas = 1 - alpha_bar[1:] / alpha_bar[:-1]
+    return betas.clamp(max=max_beta)
+
+
+class NoiseSchedule(nn.Module):
+    """Forward process ``q(x_k | x_0) = N(sqrt(abar_k) x_0, (1 - abar_k) I)`` on a cosine schedule.
+
+    :param n_train_steps: number of diffusion steps ``K`` the denoiser is trained on
+    """
+
+    alphas_cumprod: torch.Tensor
+    betas: torch.Tensor
+
+    def __init__(self, n_train_steps: int = 20) -> None:
+        super().__init__()
+        if n_train_steps < 1:
+            raise ValueError(f"n_train_steps must be >= 1, got {n_train_steps}")
+        self.n_train_steps = n_train_steps
+        betas = cosine_beta_schedule(n_train_steps)
+        # abar_k = prod_{i <= k} (1 - beta_i)
+        self.register_buffer("betas", betas.float())
+        self.register_buffer("alphas_cumprod", torch.cumprod(1 - betas, dim=0).float())
+
+    def alpha_bar(self, k: torch.Tensor) -> torch.Tensor:
+        """``abar_k`` with the convention ``abar_{-1} = 1`` (clean data)."""
+        padded = torch.cat([self.alphas_cumprod.new_ones(1), self.alphas_cumprod])
+        return padded[k + 1]
+
+    def q_sample(self, x0: torch.Tensor, k: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+        """Noised sample ``x_k = sqrt(abar_k) x_0 + sqrt(1 - abar_k) eps`` for (B,) step indices ``k``."""
+        abar = self.alpha_bar(k).unsqueeze(-1)
+        return abar.sqrt() * x0 + (1 - abar).sqrt() * noise
+
+    def predict_x0(self, x_k: torch.Tensor, k: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
+        """Invert the forward process: ``x_0 = (x_k - sqrt(1 - abar_k) eps) / sqrt(abar_k)``."""
+        abar = self.alpha_bar(k).unsqueeze(-1)
+        return (x_k - (1 - abar).sqrt() * eps) / abar.sqrt()
+
+    def training_loss(self, eps_fn: EpsFn, x0: torch.Tensor, cond: torch.Tensor, reduce: bool = True) -> torch.Tensor:
+        """Epsilon-prediction loss ``|| eps - eps_theta(x_k, k, s) ||^2`` with ``k`` uniform in ``[0, K)``.
+
+        :param eps_fn: the denoiser
+        :param x0: (B, A) clean actions in [-1, 1]
+        :param cond: (B, C) conditioning
+        :param reduce: mean over everything (True) or per sample (B,)
+        """
+        k = torch.randint(0, self.n_train_steps, (x0.shape[0],), device=x0.device)
+        noise = torch.randn_like(x0)
+        pred = eps_fn(self.q_sample(x0, k, noise), k, cond)
+        loss = F.mse_loss(pred, noise, reduction="none").mean(-1)
+        return loss.mean() if reduce else loss
+
+
+# ---------------------------------------------------------------------------------------------- network
+class SinusoidalEmbedding(nn.Module):
+    """Transformer-style sinusoidal embedding of integer diffusion steps."""
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.dim = dim
+
+    def forward(self, k: torch.Tensor) -> torch.Tensor:
+        half = self.dim // 2
+        freqs = torch.exp(-math.log(10_000) * torch.arange(half, device=k.device, dtype=torch.float32) / max(half - 1, 1))
+        angles = k.float().unsqueeze(-1) * freqs
+        return torch.cat([angles.sin(), angles.cos()], dim=-1)
+
+
+class Denoiser(nn.Module):
+    """State-conditioned noise predictor ``eps_theta(x_k, k, s)``: an MLP over ``[x_k, emb(k), s]``.
+
+    :param action_dim: dimension of the denoised variable (action, or action chunk flattened)
+    :param cond_dim: dimension of the conditioning (normalised observation)
+    :param hidden_sizes: widths of the hidden layers
+    :param time_embed_dim: width of the diffusion-step embedding
+    :param activation_fn: activation class
+    """
+
+    def __init__(
+        self,
+        action_dim: int,
+        cond_dim: int,
+        hidden_sizes: tuple[int, ...] | list[int] = (256, 256, 256),
+        time_embed_dim: int = 32,
+        activation_fn: type[nn.Module] = nn.Mish,
+    ) -> None:
+        super().__init__()
+        self.action_dim = action_dim
+        self.cond_dim = cond_dim
+        self.time_embed = nn.Sequential(
+            SinusoidalEmbedding(time_embed_dim),
+            nn.Linear(time_embed_dim, 2 * time_embed_dim),
+            activation_fn(),
+            nn.Linear(2 * time_embed_dim, time_embed_dim),
+        )
+        layers: list[nn.Module] = []
+        in_dim = action_dim + time_embed_dim + cond_dim
+        for width in hidden_sizes:
+            layers += [nn.Linear(in_dim, width), activation_fn()]
+            in_dim = width
+        layers.append(nn.Linear(in_dim, action_dim))
+        self.net = nn.Sequential(*layers)
+
+    def forward(self, x: torch.Tensor, k: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+        """:param x: (B, A) noised actions; :param k: (B,) step indices; :param cond: (B, C); :return: (B, A) eps."""
+        if k.dim() == 0:
+            k = k.expand(x.shape[0])
+        return self.net(torch.cat([x, self.time_embed(k), cond], dim=-1))
+
+
+# ---------------------------------------------------------------------------------------------- sampler
+class ChainSampler(nn.Module):
+    """Samples denoising chains with ``S`` steps and scores them as Gaussian policies.
+
+    DDIM (eta = 0) gives the mean ``mu = sqrt(abar_prev) x0_hat + sqrt(1 - abar_prev) eps_hat``; DDPM gives the
+    posterior mean of ``q(x_prev | x_k, x0_hat)`` on the (possibly respaced) steps. ``x0_hat`` is clipped to
+    [-1, 1] before either (DPPO's ``denoised_clip_value``). The step std is ``max(sigma_posterior, min_std)``
+    for DDPM and ``min_std`` for DDIM; exploration noise ``z`` is clipped to ``+-noise_clip``.
+
+    :param schedule: the forward process the denoiser was trained on
+    :param n_sampling_steps: number of denoising steps ``S`` used for acting (``<= K``)
+    :param sampler: ``"ddim"`` or ``"ddpm"``
+    :param min_std: floor of every step's std (log-probs and stochastic sampling)
+    :param noise_clip: clip of the standard normal exploration noise
+    """
+
+    timesteps: torch.Tensor
+    prev_timesteps: torch.Tensor
+    step_std: torch.Tensor
+
+    def __init__(
+        self,
+        schedule: NoiseSchedule,
+        n_sampling_steps: int = 5,
+        sampler: str = "ddim",
+        min_std: float = 0.1,
+        noise_clip: float = 3.0,
+    ) -> None:
+        super().__init__()
+        if sampler not in ("ddim", "ddpm"):
+            raise ValueError(f"sampler must be 'ddim' or 'ddpm', got {sampler!r}")
+        n_train = schedule.n_train_steps
+        if not 1 <= n_sampling_steps <= n_train:
+            raise ValueError(f"n_sampling_steps must be in [1, {n_train}] (the training steps), got {n_sampling_steps}")
+        if min_std <= 0:
+            raise ValueError(f"min_std must be > 0 so that chain log-probabilities are finite, got {min_std}")
+        self.schedule = schedule
+        self.n_sampling_steps = n_sampling_steps
+        self.sampler = sampler
+        self.min_std = min_std
+        self.noise_clip = noise_clip
+        # Evenly spaced steps from the noisiest (k = K - 1, where x ~ N(0, I)) down to k = 0:
+        # e.g. K = 20, S = 5 -> [19, 14, 10, 5, 0]; S = K gives every step (plain DDPM / DDIM).
+        ks = torch.linspace(n_train - 1, 0, n_sampling_steps).round().long()
+        prev = torch.cat([ks[1:], ks.new_full((1,), -1)])
+        self.register_buffer("timesteps", ks.long())
+        self.register_buffer("prev_timesteps", prev.long())
+        abar = schedule.alpha_bar(ks)
+        abar_prev = schedule.alpha_bar(prev)
+        # Posterior variance of q(x_prev | x_k, x_0) on respaced steps: (1 - abar_prev) / (1 - abar_k) * (1 - abar_k / abar_prev)
+        posterior_var = (1 - abar_prev) / (1 - abar) * (1 - abar / abar_prev)
+        std = posterior_var.clamp(min=0).sqrt() if sampler == "ddpm" else torch.zeros_like(abar)
+        self.register_buffer("step_std", std.clamp(min=min_std))
+
+    # -------------------------------------------------------------------------------------- means
+    def step_mean(self, x: torch.Tensor, step: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
+        """Mean of the Gaussian of sampling step ``step`` (index into the S steps, shape (B,))."""
+        k, k_prev = self.timesteps[step], self.prev_timesteps[step]
+        abar = self.schedule.alpha_bar(k).unsqueeze(-1)
+        abar_prev = self.schedule.alpha_bar(k_prev).unsqueeze(-1)
+        x0 = ((x - (1 - abar).sqrt() * eps) / abar.sqrt()).clamp(-1.0, 1.0)
+        if self.sampler == "ddim":
+            eps = (x - abar.sqrt() * x0) / (1 - abar).sqrt()  # eps consistent with the clipped x0
+            return abar_prev.sqrt() * x0 + (1 - abar_prev).sqrt() * eps
+        alpha = abar / abar_prev  # respaced single-step alpha
+        coef_x0 = abar_prev.sqrt() * (1 - alpha) / (1 - abar)
+        coef_xk = alpha.sqrt() * (1 - abar_prev) / (1 - abar)
+        return coef_x0 * x0 + coef_xk * x
+
+    # -------------------------------------------------------------------------------------- sampling
+    def sample_chain(
+        self,
+        eps_fn: EpsFn,
+        cond: torch.Tensor,
+        x_init: torch.Tensor | None = None,
+        deterministic: bool = False,
+        generator: torch.Generator | None = None,
+    ) -> torch.Tensor:
+        """Run the S denoising steps.
+
+        :param eps_fn: the denoiser
+        :param cond: (B, C) conditioning
+        :param x_init: (B, A) or (A,) initial noise; drawn from N(0, I) when None
+        :param deterministic: no exploration noise between steps (DDIM eta = 0 when ``sampler="ddim"``)
+        :param generator: torch generator for the noise (reproducible sampling)
+        :return: (B, S + 1, A) chain, unclipped; the action is ``chain[:, -1]``
+        """
+        batch = cond.shape[0]
+        action_dim = self._action_dim(eps_fn, x_init)
+        if x_init is None:
+            x = torch.randn(batch, action_dim, device=cond.device, generator=generator)
+        else:
+            x = x_init.expand(batch, action_dim).to(cond.device)
+        chain = [x]
+        for j in range(self.n_sampling_steps):
+            step = torch.full((batch,), j, device=cond.device, dtype=torch.long)
+            mean = self.step_mean(x, step, eps_fn(x, self.timesteps[step], cond))
+            if deterministic:
+                x = mean
+            else:
+                z = torch.randn(mean.shape, device=mean.device, generator=generator).clamp(-self.noise_clip, self.noise_clip)
+                x = mean + self.step_std[j] * z
+            chain.append(x)
+        return torch.stack(chain, dim=1)
+
+    @staticmethod
+    def _action_dim(eps_fn: EpsFn, x_init: torch.Tensor | None) -> int:
+        if x_init is not None:
+            return int(x_init.shape[-1])
+        dim = getattr(eps_fn, "action_dim", None)
+        if dim is None:
+            raise ValueError("eps_fn has no 'action_dim' attribute: pass x_init to fix the action dimension")
+        return int(dim)
+
+    # -------------------------------------------------------------------------------------- scoring
+    def chain_means(self, eps_fn: EpsFn, chain: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+        """Means of every step of a given chain in ONE batched denoiser call.
+
+        :param chain: (B, S + 1, A)
+        :param cond: (B, C)
+        :return: (B, S, A) means ``mu_j`` of ``x_{j+1}`` given ``x_j``
+        """
+        batch, n_plus_one, action_dim = chain.shape
+        n_steps = n_plus_one - 1
+        x = chain[:, :-1].reshape(batch * n_steps, action_dim)
+        step = torch.arange(n_steps, device=chain.device).repeat(batch)
+        cond_rep = cond.repeat_interleave(n_steps, dim=0)
+        eps = eps_fn(x, self.timesteps[step], cond_rep)
+        return self.step_mean(x, step, eps).reshape(batch, n_steps, action_dim)
+
+    def chain_log_prob(self, eps_fn: EpsFn, chain: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+        """Per-step Gaussian log-densities ``log N(x_{j+1}; mu_j, sigma_j^2)`` summed over action dims.
+
+        :return: (B, S); sum over the last axis for ``log pi(chain | s)``
+        """
+        means = self.chain_means(eps_fn, chain, cond)
+        std = self.step_std.view(1, -1, 1)
+        log_density = -0.5 * ((chain[:, 1:] - means) / std) ** 2 - std.log() - 0.5 * math.log(2 * math.pi)
+        return log_density.sum(-1)
