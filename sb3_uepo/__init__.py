@@ -2,6 +2,11 @@
 
 import os
 
-__version__ = open(os.path.join(os.path.dirname(__file__), "version.txt")).read().strip()
+from sb3_uepo.common.mujoco_log import install_mujoco_log_hook
+
+install_mujoco_log_hook()  # MuJoCo warnings become Python warnings; no MUJOCO_LOG.TXT in the working directory
+
+with open(os.path.join(os.path.dirname(__file__), "version.txt")) as _version_file:
+    __version__ = _version_file.read().strip()
 
 __all__ = ["__version__"]

@@ -17,4 +17,5 @@ def _isolated_cwd_and_data(tmp_path, monkeypatch):
     monkeypatch.setenv("MINARI_DATASETS_PATH", str(tmp_path / "minari_datasets"))
     monkeypatch.setenv("MPLBACKEND", "Agg")
     yield
-    assert not os.path.exists(os.path.join(os.path.dirname(__file__), "..", "MUJOCO_LOG.TXT")), "MuJoCo log leaked into the repo"
+    repo_log = os.path.join(os.path.dirname(__file__), "..", "MUJOCO_LOG.TXT")
+    assert not os.path.exists(repo_log), "MuJoCo log leaked into the repo"

@@ -36,7 +36,8 @@ def test_ci_runs_the_readme_test_command():
 
 
 def test_import_is_light():
-    code = "import sys, sb3_uepo; print(','.join(m for m in ('minari', 'rl_zoo3', 'matplotlib', 'optuna') if m in sys.modules))"
+    heavy = ("minari", "rl_zoo3", "matplotlib", "optuna")
+    code = f"import sys, sb3_uepo; print(','.join(m for m in {heavy!r} if m in sys.modules))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
     assert out == "", f"'import sb3_uepo' imported optional/heavy modules: {out}"
 

@@ -204,7 +204,8 @@ class ChainSampler(nn.Module):
         self.register_buffer("prev_timesteps", prev.long())
         abar = schedule.alpha_bar(ks)
         abar_prev = schedule.alpha_bar(prev)
-        # Posterior variance of q(x_prev | x_k, x_0) on respaced steps: (1 - abar_prev) / (1 - abar_k) * (1 - abar_k / abar_prev)
+        # Posterior variance of q(x_prev | x_k, x_0) on respaced steps:
+        # (1 - abar_prev) / (1 - abar_k) * (1 - abar_k / abar_prev)
         posterior_var = (1 - abar_prev) / (1 - abar) * (1 - abar / abar_prev)
         std = posterior_var.clamp(min=0).sqrt() if sampler == "ddpm" else torch.zeros_like(abar)
         self.register_buffer("step_std", std.clamp(min=min_std))

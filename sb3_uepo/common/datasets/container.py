@@ -81,7 +81,8 @@ class OfflineDataset:
         for name in ("actions", "rewards", "next_observations", "terminals", "timeouts", "episode_starts"):
             if len(getattr(self, name)) != n:
                 raise ValueError(
-                    f"Dataset '{self.name}': field '{name}' has {len(getattr(self, name))} entries but 'observations' has {n}. "
+                    f"Dataset '{self.name}': field '{name}' has {len(getattr(self, name))} entries "
+                    f"but 'observations' has {n}. "
                     "Every per-transition field must have one entry per transition; re-export the dataset."
                 )
         if n > 0:
@@ -104,7 +105,7 @@ class OfflineDataset:
         """One slice per episode into the flat arrays, in order."""
         starts = np.flatnonzero(self.episode_starts).tolist()
         ends = [*starts[1:], len(self)]
-        return [slice(s, e) for s, e in zip(starts, ends)]
+        return [slice(s, e) for s, e in zip(starts, ends, strict=True)]
 
     def episode_returns(self) -> np.ndarray:
         """(E,) undiscounted return of every episode."""
@@ -139,7 +140,11 @@ class OfflineDataset:
     def subset_episodes(self, indices: list[int] | np.ndarray) -> OfflineDataset:
         """A new dataset holding only the given episodes (in the given order)."""
         slices = self.episode_slices()
-        idx = np.concatenate([np.arange(slices[i].start, slices[i].stop) for i in indices]) if len(indices) else np.array([], int)
+        idx = (
+            np.concatenate([np.arange(slices[i].start, slices[i].stop) for i in indices])
+            if len(indices)
+            else np.array([], int)
+        )
         arrays = {
             f.name: getattr(self, f.name)[idx]
             for f in dataclasses.fields(self)
