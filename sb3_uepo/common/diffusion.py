@@ -209,13 +209,16 @@ class ChainSampler(nn.Module):
         posterior_var = (1 - abar_prev) / (1 - abar) * (1 - abar / abar_prev)
         std = posterior_var.clamp(min=0).sqrt() if sampler == "ddpm" else torch.zeros_like(abar)
         self.register_buffer("step_std", std.clamp(min=min_std))
+        # abar_k and abar_prev of each sampling step, looked up once here instead of at every step (derived from the
+        # schedule, hence not saved in state dicts)
+        self.register_buffer("step_alpha_bar", abar.clone(), persistent=False)
+        self.register_buffer("step_alpha_bar_prev", abar_prev.clone(), persistent=False)
 
     # -------------------------------------------------------------------------------------- means
     def step_mean(self, x: torch.Tensor, step: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
         """Mean of the Gaussian of sampling step ``step`` (index into the S steps, shape (B,))."""
-        k, k_prev = self.timesteps[step], self.prev_timesteps[step]
-        abar = self.schedule.alpha_bar(k).unsqueeze(-1)
-        abar_prev = self.schedule.alpha_bar(k_prev).unsqueeze(-1)
+        abar = self.step_alpha_bar[step].unsqueeze(-1)  # = schedule.alpha_bar(timesteps[step])
+        abar_prev = self.step_alpha_bar_prev[step].unsqueeze(-1)  # = schedule.alpha_bar(prev_timesteps[step])
         x0 = ((x - (1 - abar).sqrt() * eps) / abar.sqrt()).clamp(-1.0, 1.0)
         if self.sampler == "ddim":
             eps = (x - abar.sqrt() * x0) / (1 - abar).sqrt()  # eps consistent with the clipped x0
@@ -243,6 +246,36 @@ class ChainSampler(nn.Module):
         :param generator: torch generator for the noise (reproducible sampling)
         :return: (B, S + 1, A) chain, unclipped; the action is ``chain[:, -1]``
         """
+        return self._run_chain(eps_fn, cond, x_init, deterministic, generator, with_log_prob=False)[0]
+
+    def sample_chain_with_log_prob(
+        self,
+        eps_fn: EpsFn,
+        cond: torch.Tensor,
+        x_init: torch.Tensor | None = None,
+        deterministic: bool = False,
+        generator: torch.Generator | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """:meth:`sample_chain` that also returns the chain's per-step log-densities, computed from the noise drawn
+        while sampling (``x_{j+1} = mu_j + sigma_j z_j`` gives ``log N = -z_j^2 / 2 - log sigma_j - log(2 pi) / 2`` per
+        dim), so no second denoiser pass is needed. Equal to :meth:`chain_log_prob` of the returned chain up to float
+        rounding.
+
+        :return: (B, S + 1, A) chain and (B, S) per-step log-densities summed over action dims
+        """
+        chain, log_prob = self._run_chain(eps_fn, cond, x_init, deterministic, generator, with_log_prob=True)
+        assert log_prob is not None
+        return chain, log_prob
+
+    def _run_chain(
+        self,
+        eps_fn: EpsFn,
+        cond: torch.Tensor,
+        x_init: torch.Tensor | None,
+        deterministic: bool,
+        generator: torch.Generator | None,
+        with_log_prob: bool,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         batch = cond.shape[0]
         action_dim = self._action_dim(eps_fn, x_init)
         if x_init is None:
@@ -250,16 +283,22 @@ class ChainSampler(nn.Module):
         else:
             x = x_init.expand(batch, action_dim).to(cond.device)
         chain = [x]
+        log_probs = []
         for j in range(self.n_sampling_steps):
             step = torch.full((batch,), j, device=cond.device, dtype=torch.long)
             mean = self.step_mean(x, step, eps_fn(x, self.timesteps[step], cond))
+            z: torch.Tensor | None = None
             if deterministic:
                 x = mean
             else:
                 z = torch.randn(mean.shape, device=mean.device, generator=generator).clamp(-self.noise_clip, self.noise_clip)
                 x = mean + self.step_std[j] * z
             chain.append(x)
-        return torch.stack(chain, dim=1)
+            if with_log_prob:  # log N(x; mean, sigma_j^2) with (x - mean) / sigma_j = z, summed over dims
+                log_norm = mean.shape[-1] * (self.step_std[j].log() + 0.5 * math.log(2 * math.pi))
+                quadratic = 0.0 if z is None else 0.5 * (z**2).sum(-1)
+                log_probs.append((-quadratic - log_norm).expand(batch))
+        return torch.stack(chain, dim=1), torch.stack(log_probs, dim=1) if with_log_prob else None
 
     @staticmethod
     def _action_dim(eps_fn: EpsFn, x_init: torch.Tensor | None) -> int:
@@ -291,7 +330,16 @@ class ChainSampler(nn.Module):
 
         :return: (B, S); sum over the last axis for ``log pi(chain | s)``
         """
-        means = self.chain_means(eps_fn, chain, cond)
+        return self.log_prob_from_means(chain, self.chain_means(eps_fn, chain, cond))
+
+    def log_prob_from_means(self, chain: torch.Tensor, means: torch.Tensor) -> torch.Tensor:
+        """Per-step log-densities of a chain given its step means (from :meth:`chain_means`), so that a caller
+        who also needs the means (e.g. for a KL between policies) runs the denoiser only once.
+
+        :param chain: (B, S + 1, A)
+        :param means: (B, S, A)
+        :return: (B, S) ``log N(x_{j+1}; mu_j, sigma_j^2)`` summed over action dims
+        """
         std = self.step_std.view(1, -1, 1)
         log_density = -0.5 * ((chain[:, 1:] - means) / std) ** 2 - std.log() - 0.5 * math.log(2 * math.pi)
         return log_density.sum(-1)

@@ -1,0 +1,345 @@
+"""The diffusion actor-critic that UEPO fine-tunes online (DESIGN stages 3 and 7).
+
+Owns: :class:`DiffusionPolicy` (a state-conditioned denoiser acting through a few DDIM/DDPM steps, a separate value
+network, fixed observation normalisation, the member's fixed noise seed) and :func:`make_value_net` (the one place
+the value architecture is defined, so the offline IQL value loads into the policy unchanged).
+Must not touch: the diffusion formulas (``common/diffusion.py``), rollout storage (``buffers.py``), the PPO loss and
+its schedules (``uepo/uepo.py``), offline training (``common/offline/``).
+
+As in DPPO (Ren et al. 2024, irom-princeton/dppo), the policy acts over its denoising chain: every sampling step is a
+Gaussian with std floored at ``min_std``, so ``log pi(chain | s)`` is a sum of per-step Gaussian log-densities and
+PPO's ratio is exact. The chain, not only its final action, is what the rollout buffer stores.
+
+Conventions: actions live in [-1, 1] (``squash_output=True``, so SB3 unscales them to the env's bounds); the chain is
+kept unclipped and only its last element is clipped for the env. Observations are normalised with FIXED statistics
+(registered buffers, identity until :meth:`DiffusionPolicy.set_observation_statistics`), saved with the model.
+
+Shape symbols: ``B`` batch, ``O`` observation dimension, ``A`` action dimension, ``S`` sampling steps; a chain is
+``(B, S + 1, A)`` with ``chain[:, 0]`` the initial noise and ``chain[:, -1]`` the action.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import torch as th
+from gymnasium import spaces
+from stable_baselines3.common.policies import BasePolicy
+from stable_baselines3.common.preprocessing import get_action_dim
+from stable_baselines3.common.torch_layers import create_mlp
+from stable_baselines3.common.type_aliases import PyTorchObs, Schedule
+from torch import nn
+
+from sb3_uepo.common.diffusion import ChainSampler, Denoiser, NoiseSchedule
+from sb3_uepo.common.type_aliases import ChainEvaluation, ChainSample
+
+DEFAULT_DENOISER_ARCH = [256, 256, 256]
+DEFAULT_VALUE_ARCH = [256, 256]
+
+
+def make_value_net(
+    obs_dim: int, net_arch: Sequence[int] = DEFAULT_VALUE_ARCH, activation_fn: type[nn.Module] = nn.Tanh
+) -> nn.Sequential:
+    """The state-value network ``V(normalised s)``: SB3's ``create_mlp`` with one output.
+
+    The offline critic (IQL) builds its V with this same layout and the policy's ``value_net_arch`` and
+    ``value_activation_fn``, so its ``state_dict`` loads into :attr:`DiffusionPolicy.value_net` unchanged.
+
+    :param obs_dim: observation dimension ``O``
+    :param net_arch: hidden layer widths
+    :param activation_fn: activation class
+    :return: ``nn.Sequential`` mapping (B, O) -> (B, 1)
+    """
+    return nn.Sequential(*create_mlp(obs_dim, 1, list(net_arch), activation_fn))
+
+
+class DiffusionPolicy(BasePolicy):
+    """Actor-critic whose actor is a denoising chain (DDIM or DDPM, ``n_sampling_steps`` steps).
+
+    :param observation_space: a flat ``Box`` observation space
+    :param action_space: a ``Box`` action space (actions are produced in [-1, 1] and unscaled by SB3)
+    :param lr_schedule: learning-rate schedule (``lr_schedule(1)`` is the initial learning rate)
+    :param net_arch: hidden widths of the denoiser (default ``[256, 256, 256]``); SB3's
+        ``dict(pi=[...], vf=[...])`` form sets the denoiser (``pi``) and the value network (``vf``) at once
+    :param value_net_arch: hidden widths of the value network (default ``[256, 256]``)
+    :param activation_fn: activation of the denoiser
+    :param value_activation_fn: activation of the value network (SB3's default, Tanh, as the offline IQL V)
+    :param time_embed_dim: width of the denoiser's diffusion-step embedding
+    :param n_train_steps: diffusion steps ``K`` of the noise schedule the denoiser is trained on
+    :param n_sampling_steps: denoising steps ``S`` used to act (and fine-tuned by PPO), ``<= n_train_steps``
+    :param sampler: ``"ddim"`` or ``"ddpm"``
+    :param min_std: floor of every denoising step's std (exploration noise and log-probabilities)
+    :param noise_clip: clip of the standard-normal exploration noise of every step
+    :param member_seed: seed of the member's fixed initial noise used for deterministic actions
+    :param value_lr_scale: the value network's learning rate is ``value_lr_scale`` times the policy's
+        (Uni-O4 online: critic 2e-4 vs actor 2e-5, i.e. 10); UEPO applies it at every learning-rate update
+    :param use_sde: not supported (must stay False); accepted because SB3's on-policy algorithms pass it
+    :param normalize_images: unused (flat observations only); accepted for SB3 compatibility
+    :param optimizer_class: optimizer class
+    :param optimizer_kwargs: optimizer keyword arguments besides the learning rate (Adam: ``eps=1e-5`` as SB3)
+    """
+
+    obs_mean: th.Tensor
+    obs_std: th.Tensor
+    deterministic_noise: th.Tensor
+
+    def __init__(
+        self,
+        observation_space: spaces.Space,
+        action_space: spaces.Space,
+        lr_schedule: Schedule,
+        net_arch: list[int] | dict[str, list[int]] | None = None,
+        value_net_arch: list[int] | None = None,
+        activation_fn: type[nn.Module] = nn.Mish,
+        value_activation_fn: type[nn.Module] = nn.Tanh,
+        time_embed_dim: int = 32,
+        n_train_steps: int = 20,
+        n_sampling_steps: int = 5,
+        sampler: str = "ddim",
+        min_std: float = 0.1,
+        noise_clip: float = 3.0,
+        member_seed: int = 0,
+        value_lr_scale: float = 1.0,
+        use_sde: bool = False,
+        normalize_images: bool = True,
+        optimizer_class: type[th.optim.Optimizer] = th.optim.Adam,
+        optimizer_kwargs: dict[str, Any] | None = None,
+    ) -> None:
+        if use_sde:
+            raise ValueError("DiffusionPolicy explores through its denoising noise; use_sde=True is not supported")
+        if not isinstance(action_space, spaces.Box):
+            raise ValueError(f"DiffusionPolicy needs a continuous (Box) action space, got {action_space}")
+        if not isinstance(observation_space, spaces.Box) or len(observation_space.shape) != 1:
+            raise ValueError(
+                f"DiffusionPolicy needs a flat (1-D Box) observation space, got {observation_space}; "
+                "flatten it (e.g. gymnasium.wrappers.FlattenObservation)"
+            )
+        if optimizer_kwargs is None:
+            optimizer_kwargs = {"eps": 1e-5} if optimizer_class == th.optim.Adam else {}
+        super().__init__(
+            observation_space,
+            action_space,
+            optimizer_class=optimizer_class,
+            optimizer_kwargs=optimizer_kwargs,
+            squash_output=True,
+            normalize_images=normalize_images,
+        )
+        denoiser_arch, value_arch = _split_net_arch(net_arch, value_net_arch)
+        self.net_arch = denoiser_arch
+        self.value_net_arch = value_arch
+        self.activation_fn = activation_fn
+        self.value_activation_fn = value_activation_fn
+        self.time_embed_dim = time_embed_dim
+        self.n_train_steps = n_train_steps
+        self.n_sampling_steps = n_sampling_steps
+        self.sampler_name = sampler
+        self.min_std = min_std
+        self.noise_clip = noise_clip
+        self.member_seed = member_seed
+        self.value_lr_scale = value_lr_scale
+        self.use_sde = use_sde
+
+        self.obs_dim = int(observation_space.shape[0])
+        self.action_dim = get_action_dim(action_space)
+        self.denoiser = Denoiser(self.action_dim, self.obs_dim, self.net_arch, time_embed_dim, activation_fn)
+        self.sampler = ChainSampler(NoiseSchedule(n_train_steps), n_sampling_steps, sampler, min_std, noise_clip)
+        self.value_net = make_value_net(self.obs_dim, self.value_net_arch, value_activation_fn)
+        self.register_buffer("obs_mean", th.zeros(self.obs_dim))
+        self.register_buffer("obs_std", th.ones(self.obs_dim))
+        # x_K of deterministic actions: a fixed draw per member, so predict(deterministic=True) is a pure function
+        generator = th.Generator().manual_seed(int(member_seed))
+        self.register_buffer("deterministic_noise", th.randn(self.action_dim, generator=generator))
+
+        lr = lr_schedule(1)
+        value_group = {"params": list(self.value_net.parameters()), "lr": lr * value_lr_scale, "lr_scale": value_lr_scale}
+        self.optimizer = self.optimizer_class(
+            [
+                {"params": list(self.denoiser.parameters()), "lr": lr, "lr_scale": 1.0, "name": "denoiser"},
+                {**value_group, "name": "value"},
+            ],
+            lr=lr,
+            **self.optimizer_kwargs,
+        )
+
+    def _get_constructor_parameters(self) -> dict[str, Any]:
+        data = super()._get_constructor_parameters()
+        data.update(
+            dict(
+                net_arch=self.net_arch,
+                value_net_arch=self.value_net_arch,
+                activation_fn=self.activation_fn,
+                value_activation_fn=self.value_activation_fn,
+                time_embed_dim=self.time_embed_dim,
+                n_train_steps=self.n_train_steps,
+                n_sampling_steps=self.n_sampling_steps,
+                sampler=self.sampler_name,
+                min_std=self.min_std,
+                noise_clip=self.noise_clip,
+                member_seed=self.member_seed,
+                value_lr_scale=self.value_lr_scale,
+                lr_schedule=self._dummy_schedule,  # not needed to load the policy alone
+                optimizer_class=self.optimizer_class,
+                optimizer_kwargs=self.optimizer_kwargs,
+            )
+        )
+        return data
+
+    # ------------------------------------------------------------------------------------------ offline seam
+    def set_observation_statistics(self, mean: np.ndarray | th.Tensor, std: np.ndarray | th.Tensor) -> None:
+        """Fix the observation normalisation ``(s - mean) / std`` (e.g. to the offline dataset's statistics).
+
+        The statistics are buffers: saved with the model and never re-estimated. Set them before
+        ``UEPO.set_reference_policy`` so that the frozen reference normalises the same way.
+
+        :param mean: (O,) per-dimension mean
+        :param std: (O,) per-dimension std, floored at 1e-6
+        """
+        mean_t = th.as_tensor(mean, dtype=th.float32).reshape(-1)
+        std_t = th.as_tensor(std, dtype=th.float32).reshape(-1)
+        if mean_t.shape != (self.obs_dim,) or std_t.shape != (self.obs_dim,):
+            raise ValueError(f"observation statistics must have shape ({self.obs_dim},), got {mean_t.shape} and {std_t.shape}")
+        if not (th.isfinite(mean_t).all() and th.isfinite(std_t).all()):
+            raise ValueError("observation statistics must be finite")
+        self.obs_mean.copy_(mean_t)
+        self.obs_std.copy_(std_t.clamp(min=1e-6))
+
+    def load_denoiser_state(self, state_dict: Mapping[str, th.Tensor]) -> None:
+        """Load denoiser weights (a :class:`~sb3_uepo.common.diffusion.Denoiser` ``state_dict`` with the same
+        architecture), e.g. the offline behaviour model or a chosen offline member. In place: the optimizer keeps
+        pointing at the same parameters.
+
+        :param state_dict: the denoiser's ``state_dict``
+        """
+        self.denoiser.load_state_dict(state_dict)
+
+    def load_value_state(self, state_dict: Mapping[str, th.Tensor]) -> None:
+        """Load value weights built by :func:`make_value_net` with this policy's ``value_net_arch`` and
+        ``value_activation_fn`` (e.g. the offline IQL ``V``). In place.
+
+        :param state_dict: the value network's ``state_dict``
+        """
+        self.value_net.load_state_dict(state_dict)
+
+    def set_deterministic_noise(self, noise: np.ndarray | th.Tensor) -> None:
+        """Replace the member's fixed initial noise ``x_K`` of deterministic actions (by default drawn from
+        ``member_seed`` as ``torch.randn(A, generator=torch.Generator().manual_seed(member_seed))``), e.g. with an
+        offline member's (possibly perturbed) seed noise. Saved with the model.
+
+        :param noise: (A,) initial noise
+        """
+        noise_t = th.as_tensor(noise, dtype=th.float32).reshape(-1)
+        if noise_t.shape != (self.action_dim,):
+            raise ValueError(f"the deterministic noise must have shape ({self.action_dim},), got {tuple(noise_t.shape)}")
+        self.deterministic_noise.copy_(noise_t)
+
+    # ------------------------------------------------------------------------------------------ acting
+    def normalize_observation(self, obs: PyTorchObs) -> th.Tensor:
+        """``(s - mean) / std`` with the fixed statistics, as float32 (B, O)."""
+        assert isinstance(obs, th.Tensor)
+        return (obs.float() - self.obs_mean) / self.obs_std
+
+    def sample_chain(self, obs: th.Tensor, deterministic: bool = False) -> th.Tensor:
+        """Sample denoising chains for a batch of observations.
+
+        :param obs: (B, O) raw observations
+        :param deterministic: no noise between steps and the member's fixed initial noise (same output every call)
+        :return: (B, S + 1, A) unclipped chains
+        """
+        cond = self.normalize_observation(obs)
+        x_init = self.deterministic_noise if deterministic else None
+        return self.sampler.sample_chain(self.denoiser, cond, x_init=x_init, deterministic=deterministic)
+
+    def sample_chain_with_values(self, obs: th.Tensor, deterministic: bool = False) -> ChainSample:
+        """One rollout step: chain, action, value and (per-step) log-probabilities, for the rollout buffer.
+
+        :param obs: (B, O) raw observations
+        :param deterministic: see :meth:`sample_chain`
+        :return: :class:`~sb3_uepo.common.type_aliases.ChainSample`
+        """
+        cond = self.normalize_observation(obs)
+        x_init = self.deterministic_noise if deterministic else None
+        # log-densities from the drawn noise: no second denoiser pass (equal to sampler.chain_log_prob up to rounding)
+        chain, step_log_prob = self.sampler.sample_chain_with_log_prob(
+            self.denoiser, cond, x_init=x_init, deterministic=deterministic
+        )
+        return ChainSample(
+            actions=chain[:, -1].clamp(-1.0, 1.0),
+            values=self.value_net(cond),
+            log_prob=step_log_prob.sum(-1),
+            chain=chain,
+            step_log_prob=step_log_prob,
+        )
+
+    def forward(self, obs: th.Tensor, deterministic: bool = False) -> tuple[th.Tensor, th.Tensor, th.Tensor]:
+        """Like ``ActorCriticPolicy.forward``: (actions in [-1, 1], values, log pi(chain | s)).
+
+        The chain itself is returned by :meth:`sample_chain_with_values`, which UEPO's rollout collection calls.
+        """
+        sample = self.sample_chain_with_values(obs, deterministic=deterministic)
+        return sample.actions, sample.values, sample.log_prob
+
+    def _predict(self, observation: PyTorchObs, deterministic: bool = False) -> th.Tensor:
+        assert isinstance(observation, th.Tensor)
+        return self.sample_chain(observation, deterministic=deterministic)[:, -1].clamp(-1.0, 1.0)
+
+    def predict_values(self, obs: PyTorchObs) -> th.Tensor:
+        """:param obs: (B, O) raw observations; :return: (B, 1) state values."""
+        return self.value_net(self.normalize_observation(obs))
+
+    # ------------------------------------------------------------------------------------------ scoring
+    def chain_means(self, obs: th.Tensor, chains: th.Tensor) -> th.Tensor:
+        """Step means ``mu_j(x_j, s)`` of given chains in ONE batched denoiser call; :return: (B, S, A)."""
+        return self.sampler.chain_means(self.denoiser, chains, self.normalize_observation(obs))
+
+    def evaluate_chains(self, obs: th.Tensor, chains: th.Tensor) -> ChainEvaluation:
+        """Values, per-step log-probabilities and step means of stored chains under the current weights.
+
+        :param obs: (B, O) raw observations
+        :param chains: (B, S + 1, A) chains from the rollout buffer
+        :return: :class:`~sb3_uepo.common.type_aliases.ChainEvaluation`
+        """
+        cond = self.normalize_observation(obs)
+        means = self.sampler.chain_means(self.denoiser, chains, cond)
+        return ChainEvaluation(
+            values=self.value_net(cond), step_log_prob=self.sampler.log_prob_from_means(chains, means), means=means
+        )
+
+    def evaluate_actions(self, obs: PyTorchObs, actions: th.Tensor) -> tuple[th.Tensor, th.Tensor, th.Tensor | None]:
+        """SB3's interface, over chains: ``actions`` are the (B, S + 1, A) chains.
+
+        :return: values (B, 1), chain log-probability (B,), entropy None (no closed form)
+        """
+        assert isinstance(obs, th.Tensor)
+        evaluation = self.evaluate_chains(obs, actions)
+        return evaluation.values, evaluation.step_log_prob.sum(-1), None
+
+    def kl_divergence(self, means: th.Tensor, reference_means: th.Tensor) -> th.Tensor:
+        """KL between two chain policies with equal step stds, on the same chains:
+        ``sum_j ||mu_j - mu_ref_j||^2 / (2 sigma_j^2)``.
+
+        :param means: (B, S, A) this policy's step means
+        :param reference_means: (B, S, A) the reference's step means
+        :return: (B,) KL per chain
+        """
+        var = self.sampler.step_std.view(1, -1, 1) ** 2
+        return ((means - reference_means) ** 2 / (2 * var)).sum(dim=(1, 2))
+
+
+def _split_net_arch(
+    net_arch: list[int] | dict[str, list[int]] | None, value_net_arch: list[int] | None
+) -> tuple[list[int], list[int]]:
+    """(denoiser widths, value widths) from the ``net_arch`` / ``value_net_arch`` policy kwargs."""
+    if isinstance(net_arch, dict):
+        unknown = set(net_arch) - {"pi", "vf"}
+        if unknown:
+            raise ValueError(f"net_arch as a dict takes the keys 'pi' (denoiser) and 'vf' (value), got {sorted(unknown)}")
+        if value_net_arch is not None and "vf" in net_arch:
+            raise ValueError("give the value widths once: net_arch['vf'] or value_net_arch, not both")
+        denoiser = list(net_arch.get("pi", DEFAULT_DENOISER_ARCH))
+        value = list(net_arch.get("vf", value_net_arch if value_net_arch is not None else DEFAULT_VALUE_ARCH))
+        return denoiser, value
+    denoiser = list(DEFAULT_DENOISER_ARCH if net_arch is None else net_arch)
+    value = list(DEFAULT_VALUE_ARCH if value_net_arch is None else value_net_arch)
+    return denoiser, value

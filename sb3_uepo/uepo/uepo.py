@@ -1,0 +1,657 @@
+"""UEPO's online stage: PPO over the denoising chain (DESIGN stage 7) as a Stable-Baselines3 on-policy algorithm.
+
+Owns: :class:`UEPO` (rollout collection with chains, the chain-PPO loss with the denoising-step discount, the decaying
+KL to a frozen reference policy, the value warm-up, save/load declarations) and the seam through which the offline
+stages hand over their policy (:meth:`UEPO.pretrain`, :meth:`UEPO.load_offline_policy`,
+:meth:`UEPO.set_reference_policy`). Must not touch: the offline stages themselves (``common/offline/``), the networks
+(``common/policies.py``), rollout storage (``common/buffers.py``), the diffusion formulas (``common/diffusion.py``).
+
+Loss, per minibatch of ``B`` rollout steps whose chains have ``S`` denoising steps (DPPO, Ren et al. 2024,
+irom-princeton/dppo; Uni-O4, Lei et al. 2024, for the small clip and the KL to the offline policy)::
+
+    r_bj   = exp((log pi(x_{j+1} | x_j, s) - log pi_old(x_{j+1} | x_j, s)) / A)   per-step ratio (log-density
+                                                                                 averaged over action dims, DPPO)
+    A_bj   = A_b * denoising_discount ** (S - 1 - j)                             the last denoising step weighs 1
+    L_pi   = -mean_bj min(r_bj A_bj, clip(r_bj, 1 - eps, 1 + eps) A_bj)
+    L      = L_pi + ent_coef * L_ent + vf_coef * L_V + beta_t * mean_b KL(pi || pi_ref)
+    beta_t = kl_ref_coef * kl_ref_decay ** t                                     t = policy updates so far
+
+The KL between two chain policies with equal step stds is ``sum_j ||mu_j - mu_ref_j||^2 / (2 sigma_j^2)`` on the
+stored chains. With the Gaussian ``MlpPolicy`` (the Uni-O4 baseline) ``S = 1``, the ratio is PPO's and the KL is the
+closed-form Gaussian one: UEPO is then SB3's PPO plus the KL term and the value warm-up.
+"""
+
+from __future__ import annotations
+
+import copy
+import io
+import os
+import pathlib
+import warnings
+from collections import defaultdict
+from typing import Any, ClassVar, TypeVar
+
+import numpy as np
+import torch as th
+from gymnasium import spaces
+from stable_baselines3.common.buffers import RolloutBuffer
+from stable_baselines3.common.callbacks import BaseCallback
+from stable_baselines3.common.on_policy_algorithm import OnPolicyAlgorithm
+from stable_baselines3.common.policies import ActorCriticPolicy, BasePolicy
+from stable_baselines3.common.type_aliases import GymEnv, MaybeCallback, Schedule
+from stable_baselines3.common.utils import FloatSchedule, explained_variance, obs_as_tensor
+from stable_baselines3.common.vec_env import VecEnv
+from torch.nn import functional as F
+
+from sb3_uepo.common.buffers import DiffusionRolloutBuffer
+from sb3_uepo.uepo.policies import DiffusionPolicy, MlpPolicy
+
+SelfUEPO = TypeVar("SelfUEPO", bound="UEPO")
+
+
+class UEPO(OnPolicyAlgorithm):
+    """Unified Expressive Policy Optimization, online stage: PPO over a diffusion policy's denoising chain.
+
+    Without a dataset it is a plain (chain-)PPO learning from scratch; with one, :meth:`learn` first runs the offline
+    stages once (:meth:`pretrain`) and then fine-tunes the chosen offline policy online.
+
+    :param policy: ``"DiffusionPolicy"`` or ``"MlpPolicy"`` (Gaussian, for the Uni-O4 baseline), or a policy class
+    :param env: the environment to learn from (a registered id is made with ``make_vec_env``); needs a Box action space
+    :param learning_rate: learning rate (of the actor; see ``value_lr_scale`` in the DiffusionPolicy's kwargs),
+        a float or a schedule of the remaining progress (1 -> 0)
+    :param n_steps: steps per environment per update (the rollout buffer holds ``n_steps * n_envs``)
+    :param batch_size: minibatch size
+    :param n_epochs: epochs over the rollout buffer per update
+    :param gamma: discount factor
+    :param gae_lambda: GAE lambda
+    :param clip_range: PPO clip of the (per-denoising-step) ratio, float or schedule; Uni-O4 fine-tunes with 0.05,
+        DPPO with 0.01
+    :param clip_range_vf: clip of the value update (None: no clipping), float or schedule
+    :param normalize_advantage: normalise the advantages per minibatch
+    :param ent_coef: entropy coefficient; a chain has no closed-form entropy, so ``-log pi(chain | s)`` stands in
+    :param vf_coef: value loss coefficient
+    :param max_grad_norm: gradient clipping norm
+    :param denoising_discount: DPPO's discount over the denoising steps: step ``j`` of ``S`` has its advantage
+        weighted by ``denoising_discount ** (S - 1 - j)``
+    :param kl_ref_coef: initial coefficient of ``KL(pi || pi_ref)`` to the frozen reference policy (the offline
+        policy; from scratch, the initial policy); 0 disables the term
+    :param kl_ref_decay: the KL coefficient is multiplied by this after every policy update (rollout)
+    :param value_warmup_iters: the first ``value_warmup_iters`` updates train the value network only
+    :param dataset: offline dataset (id, path or :class:`~sb3_uepo.common.datasets.container.OfflineDataset`) for
+        the offline stages; None learns online from scratch
+    :param preset: name of the offline budget/ablation preset (e.g. ``"quick"``, ``"uni_o4"``)
+    :param offline_kwargs: overrides of the offline preset's settings
+    :param use_sde: gSDE exploration (``MlpPolicy`` only)
+    :param sde_sample_freq: gSDE noise resampling frequency
+    :param rollout_buffer_class: rollout buffer class; None picks :class:`DiffusionRolloutBuffer` for a
+        DiffusionPolicy and SB3's ``RolloutBuffer`` for ``MlpPolicy``
+    :param rollout_buffer_kwargs: keyword arguments of the rollout buffer
+    :param target_kl: stop the epochs of an update when the approximate KL between old and new policy exceeds
+        ``1.5 * target_kl`` (None: never)
+    :param stats_window_size: number of episodes averaged in the rollout logs
+    :param tensorboard_log: tensorboard log directory (None: no tensorboard)
+    :param policy_kwargs: keyword arguments of the policy (see :class:`~sb3_uepo.common.policies.DiffusionPolicy`)
+    :param verbose: 0 none, 1 info, 2 debug
+    :param seed: random seed
+    :param device: torch device (``"auto"``: cuda when available)
+    :param _init_setup_model: build the networks now
+    """
+
+    policy_aliases: ClassVar[dict[str, type[BasePolicy]]] = {
+        "DiffusionPolicy": DiffusionPolicy,
+        "MlpPolicy": MlpPolicy,
+    }
+    policy: DiffusionPolicy | ActorCriticPolicy  # type: ignore[assignment]
+    rollout_buffer: RolloutBuffer
+    reference_policy: DiffusionPolicy | ActorCriticPolicy | None
+
+    def __init__(
+        self,
+        policy: str | type[BasePolicy],
+        env: GymEnv | str,
+        learning_rate: float | Schedule = 3e-4,
+        n_steps: int = 2048,
+        batch_size: int = 64,
+        n_epochs: int = 10,
+        gamma: float = 0.99,
+        gae_lambda: float = 0.95,
+        clip_range: float | Schedule = 0.2,
+        clip_range_vf: float | Schedule | None = None,
+        normalize_advantage: bool = True,
+        ent_coef: float = 0.0,
+        vf_coef: float = 0.5,
+        max_grad_norm: float = 0.5,
+        denoising_discount: float = 0.99,
+        kl_ref_coef: float = 0.0,
+        kl_ref_decay: float = 0.95,
+        value_warmup_iters: int = 0,
+        dataset: Any = None,
+        preset: str | None = None,
+        offline_kwargs: dict[str, Any] | None = None,
+        use_sde: bool = False,
+        sde_sample_freq: int = -1,
+        rollout_buffer_class: type[RolloutBuffer] | None = None,
+        rollout_buffer_kwargs: dict[str, Any] | None = None,
+        target_kl: float | None = None,
+        stats_window_size: int = 100,
+        tensorboard_log: str | None = None,
+        policy_kwargs: dict[str, Any] | None = None,
+        verbose: int = 0,
+        seed: int | None = None,
+        device: th.device | str = "auto",
+        _init_setup_model: bool = True,
+    ) -> None:
+        super().__init__(
+            policy,
+            env,
+            learning_rate=learning_rate,
+            n_steps=n_steps,
+            gamma=gamma,
+            gae_lambda=gae_lambda,
+            ent_coef=ent_coef,
+            vf_coef=vf_coef,
+            max_grad_norm=max_grad_norm,
+            use_sde=use_sde,
+            sde_sample_freq=sde_sample_freq,
+            rollout_buffer_class=rollout_buffer_class,
+            rollout_buffer_kwargs=rollout_buffer_kwargs,
+            stats_window_size=stats_window_size,
+            tensorboard_log=tensorboard_log,
+            policy_kwargs=policy_kwargs,
+            verbose=verbose,
+            device=device,
+            seed=seed,
+            _init_setup_model=False,
+        )
+        if self.env is not None and not isinstance(self.action_space, spaces.Box):
+            raise ValueError(
+                f"UEPO needs a continuous (Box) action space: its policies are a diffusion chain or a Gaussian over "
+                f"actions in [-1, 1]; got {self.action_space}. For discrete actions use PPO."
+            )
+        if normalize_advantage and batch_size <= 1:
+            raise ValueError("batch_size must be > 1 when normalize_advantage=True (see SB3 issue #440)")
+        if self.env is not None:
+            buffer_size = self.env.num_envs * n_steps
+            if normalize_advantage and buffer_size <= 1:
+                raise ValueError(f"n_steps * n_envs must be > 1 to normalise advantages, got {n_steps} * {self.env.num_envs}")
+            if buffer_size % batch_size > 0:
+                warnings.warn(
+                    f"batch_size={batch_size} does not divide n_steps * n_envs = {buffer_size}: the last minibatch of every "
+                    f"epoch will hold {buffer_size % batch_size} samples"
+                )
+        if not 0.0 < denoising_discount <= 1.0:
+            raise ValueError(f"denoising_discount must be in (0, 1], got {denoising_discount}")
+        if kl_ref_coef < 0.0:
+            raise ValueError(f"kl_ref_coef must be >= 0, got {kl_ref_coef}")
+        if not 0.0 < kl_ref_decay <= 1.0:
+            raise ValueError(f"kl_ref_decay must be in (0, 1], got {kl_ref_decay}")
+        if value_warmup_iters < 0:
+            raise ValueError(f"value_warmup_iters must be >= 0, got {value_warmup_iters}")
+
+        self.batch_size = batch_size
+        self.n_epochs = n_epochs
+        self.clip_range = clip_range
+        self.clip_range_vf = clip_range_vf
+        self.normalize_advantage = normalize_advantage
+        self.target_kl = target_kl
+        self.denoising_discount = denoising_discount
+        self.kl_ref_coef = kl_ref_coef
+        self.kl_ref_decay = kl_ref_decay
+        self.value_warmup_iters = value_warmup_iters
+        self.dataset = dataset
+        self.preset = preset
+        self.offline_kwargs = offline_kwargs
+        self.pretrained = False  # set by pretrain() once the offline stages have run
+        self.reference_policy = None
+        self._reference_policy_set = False  # set_reference_policy() was called: keep a reference even if kl_ref_coef == 0
+        self._n_train_rounds = 0  # calls of train(), i.e. rollouts learned from (value warm-up, KL decay)
+
+        if _init_setup_model:
+            self._setup_model()
+
+    # ------------------------------------------------------------------------------------------ setup
+    def _get_policy_from_name(self, policy_name: str) -> type[BasePolicy]:
+        if policy_name not in self.policy_aliases:
+            raise ValueError(f"Policy {policy_name!r} unknown to UEPO; valid names: {', '.join(self.policy_aliases)}")
+        return self.policy_aliases[policy_name]
+
+    def _setup_model(self) -> None:
+        self._setup_lr_schedule()
+        self.set_random_seed(self.seed)
+        self.policy = self.policy_class(  # type: ignore[assignment]
+            self.observation_space, self.action_space, self.lr_schedule, use_sde=self.use_sde, **self.policy_kwargs
+        )
+        self.policy = self.policy.to(self.device)
+        self._maybe_recommend_cpu()
+
+        is_diffusion = isinstance(self.policy, DiffusionPolicy)
+        if self.rollout_buffer_class is None:
+            self.rollout_buffer_class = DiffusionRolloutBuffer if is_diffusion else RolloutBuffer
+        buffer_kwargs = dict(self.rollout_buffer_kwargs)
+        if issubclass(self.rollout_buffer_class, DiffusionRolloutBuffer):
+            if not is_diffusion:
+                raise ValueError(f"{self.rollout_buffer_class.__name__} stores denoising chains: it needs a DiffusionPolicy")
+            buffer_kwargs.setdefault("n_sampling_steps", self.policy.n_sampling_steps)  # type: ignore[union-attr]
+        elif is_diffusion:
+            raise ValueError(
+                f"a DiffusionPolicy needs a DiffusionRolloutBuffer (or a subclass) to store its chains, "
+                f"got rollout_buffer_class={self.rollout_buffer_class.__name__}"
+            )
+        self.rollout_buffer = self.rollout_buffer_class(
+            self.n_steps,
+            self.observation_space,  # type: ignore[arg-type]
+            self.action_space,
+            device=self.device,
+            gamma=self.gamma,
+            gae_lambda=self.gae_lambda,
+            n_envs=self.n_envs,
+            **buffer_kwargs,
+        )
+
+        self.clip_range = FloatSchedule(self.clip_range)
+        if self.clip_range_vf is not None:
+            if isinstance(self.clip_range_vf, (float, int)) and self.clip_range_vf <= 0:
+                raise ValueError("clip_range_vf must be positive; pass None to disable value clipping")
+            self.clip_range_vf = FloatSchedule(self.clip_range_vf)
+        # The reference's weights are a copy of the policy's here; load() then overwrites them with the saved ones.
+        self.reference_policy = self._frozen_copy(self.policy) if self._reference_needed() else None
+
+    def _reference_needed(self) -> bool:
+        return self.kl_ref_coef > 0.0 or self._reference_policy_set
+
+    @staticmethod
+    def _frozen_copy(policy: BasePolicy) -> Any:
+        reference = copy.deepcopy(policy)
+        del reference.optimizer  # never stepped; keep neither its state nor a second set of moments
+        reference.requires_grad_(False)
+        reference.set_training_mode(False)
+        return reference
+
+    def _update_learning_rate(self, optimizers: list[th.optim.Optimizer] | th.optim.Optimizer) -> None:
+        """SB3's update, honouring a per-group ``lr_scale`` (the DiffusionPolicy's value network)."""
+        learning_rate = self.lr_schedule(self._current_progress_remaining)
+        self.logger.record("train/learning_rate", learning_rate)
+        for optimizer in optimizers if isinstance(optimizers, list) else [optimizers]:
+            for group in optimizer.param_groups:
+                group["lr"] = learning_rate * group.get("lr_scale", 1.0)
+
+    # ------------------------------------------------------------------------------------------ offline seam
+    def pretrain(self) -> Any:
+        """Run the offline stages (DESIGN 1-6) on ``self.dataset`` and hand the chosen policy to online learning.
+
+        Contract for the implementation (issue 4): build the offline models from ``self.dataset``, ``self.preset``
+        and ``self.offline_kwargs``; put the chosen member and the offline value into the policy with
+        :meth:`load_offline_policy` (which also fixes the observation statistics and the KL reference); set
+        ``self.pretrained = True``; return a report. :meth:`learn` calls it once, through :meth:`_maybe_pretrain`.
+
+        :return: a report of the offline stages
+        """
+        if self.dataset is None:
+            raise ValueError("pretrain() needs a dataset: UEPO(..., dataset=...)")
+        raise NotImplementedError("offline pretraining lands with issue 4")
+
+    def _maybe_pretrain(self) -> None:
+        """Called at the start of :meth:`learn`: run :meth:`pretrain` once when a dataset was given."""
+        if self.dataset is not None and not self.pretrained:
+            self.pretrain()
+
+    def load_offline_policy(
+        self,
+        policy_state: dict[str, th.Tensor] | None = None,
+        denoiser_state: dict[str, th.Tensor] | None = None,
+        value_state: dict[str, th.Tensor] | None = None,
+        obs_mean: np.ndarray | th.Tensor | None = None,
+        obs_std: np.ndarray | th.Tensor | None = None,
+        set_reference: bool = True,
+    ) -> None:
+        """Put offline results into the policy, then (by default) freeze it as the KL reference.
+
+        :param policy_state: a full ``state_dict`` of the policy (either policy class)
+        :param denoiser_state: the denoiser's ``state_dict`` (DiffusionPolicy)
+        :param value_state: the value network's ``state_dict`` (DiffusionPolicy; built with
+            :func:`~sb3_uepo.common.policies.make_value_net`)
+        :param obs_mean: (O,) fixed observation mean (DiffusionPolicy; both or neither of obs_mean and obs_std)
+        :param obs_std: (O,) fixed observation std
+        :param set_reference: freeze the resulting policy as the reference of the KL term
+        """
+        if policy_state is not None:
+            self.policy.load_state_dict(policy_state)
+        parts = {"denoiser_state": denoiser_state, "value_state": value_state, "obs_mean": obs_mean, "obs_std": obs_std}
+        if any(value is not None for value in parts.values()) and not isinstance(self.policy, DiffusionPolicy):
+            raise ValueError(f"{', '.join(k for k, v in parts.items() if v is not None)} apply to a DiffusionPolicy only")
+        if (obs_mean is None) != (obs_std is None):
+            raise ValueError("give both obs_mean and obs_std, or neither")
+        if isinstance(self.policy, DiffusionPolicy):
+            if obs_mean is not None and obs_std is not None:
+                self.policy.set_observation_statistics(obs_mean, obs_std)
+            if denoiser_state is not None:
+                self.policy.load_denoiser_state(denoiser_state)
+            if value_state is not None:
+                self.policy.load_value_state(value_state)
+        if set_reference:
+            self.set_reference_policy()
+
+    def set_reference_policy(self, policy_state: dict[str, th.Tensor] | None = None) -> None:
+        """Freeze a copy of the current policy (or of ``policy_state``, a full policy ``state_dict``) as the
+        reference of the KL term. The reference is saved with the model.
+
+        :param policy_state: weights of the reference; None copies the current policy
+        """
+        self._reference_policy_set = True
+        self.reference_policy = self._frozen_copy(self.policy)
+        if policy_state is not None:
+            self.reference_policy.load_state_dict(policy_state)
+
+    # ------------------------------------------------------------------------------------------ rollouts
+    def collect_rollouts(
+        self,
+        env: VecEnv,
+        callback: BaseCallback,
+        rollout_buffer: RolloutBuffer,
+        n_rollout_steps: int,
+    ) -> bool:
+        """SB3's ``OnPolicyAlgorithm.collect_rollouts``, storing the denoising chains of a DiffusionPolicy.
+
+        :param env: the training environment
+        :param callback: callback called at every step
+        :param rollout_buffer: buffer to fill
+        :param n_rollout_steps: steps to collect per environment
+        :return: False if the callback stopped the rollout early
+        """
+        assert self._last_obs is not None, "No previous observation was provided"
+        self.policy.set_training_mode(False)
+        is_diffusion = isinstance(self.policy, DiffusionPolicy)
+        n_steps = 0
+        rollout_buffer.reset()
+        if self.use_sde:
+            self.policy.reset_noise(env.num_envs)  # type: ignore[union-attr]
+
+        callback.on_rollout_start()
+
+        while n_steps < n_rollout_steps:
+            if self.use_sde and self.sde_sample_freq > 0 and n_steps % self.sde_sample_freq == 0:
+                self.policy.reset_noise(env.num_envs)  # type: ignore[union-attr]
+
+            with th.no_grad():
+                obs_tensor = obs_as_tensor(self._last_obs, self.device)  # type: ignore[arg-type]
+                chain_kwargs: dict[str, th.Tensor] = {}
+                if is_diffusion:
+                    sample = self.policy.sample_chain_with_values(obs_tensor)  # type: ignore[union-attr, arg-type]
+                    actions_t, values, log_probs = sample.actions, sample.values, sample.log_prob
+                    chain_kwargs = {"chains": sample.chain, "step_log_probs": sample.step_log_prob}
+                else:
+                    actions_t, values, log_probs = self.policy(obs_tensor)
+            actions = actions_t.cpu().numpy()
+
+            if self.policy.squash_output:  # DiffusionPolicy: actions in [-1, 1] -> env bounds
+                clipped_actions = self.policy.unscale_action(actions)
+            else:  # Gaussian: clip to the bounds
+                clipped_actions = np.clip(actions, self.action_space.low, self.action_space.high)  # type: ignore[attr-defined]
+
+            new_obs, rewards, dones, infos = env.step(clipped_actions)
+            self.num_timesteps += env.num_envs
+
+            callback.update_locals(locals())
+            if not callback.on_step():
+                return False
+
+            self._update_info_buffer(infos, dones)
+            n_steps += 1
+
+            # Handle timeout by bootstrapping with the value function (SB3 issue #633)
+            for idx, done in enumerate(dones):
+                if (
+                    done
+                    and infos[idx].get("terminal_observation") is not None
+                    and infos[idx].get("TimeLimit.truncated", False)
+                ):
+                    terminal_obs = self.policy.obs_to_tensor(infos[idx]["terminal_observation"])[0]
+                    with th.no_grad():
+                        terminal_value = self.policy.predict_values(terminal_obs)[0]  # type: ignore[arg-type]
+                    rewards[idx] += self.gamma * terminal_value
+
+            rollout_buffer.add(
+                self._last_obs,  # type: ignore[arg-type]
+                actions,
+                rewards,
+                self._last_episode_starts,  # type: ignore[arg-type]
+                values,
+                log_probs,
+                **chain_kwargs,
+            )
+            self._last_obs = new_obs  # type: ignore[assignment]
+            self._last_episode_starts = dones
+
+        with th.no_grad():
+            values = self.policy.predict_values(obs_as_tensor(new_obs, self.device))  # type: ignore[arg-type]
+
+        rollout_buffer.compute_returns_and_advantage(last_values=values, dones=dones)
+        callback.update_locals(locals())
+        callback.on_rollout_end()
+        return True
+
+    # ------------------------------------------------------------------------------------------ training
+    def current_kl_ref_coef(self) -> float:
+        """The KL coefficient of the next update: ``kl_ref_coef * kl_ref_decay ** (policy updates so far)``."""
+        policy_updates = max(0, self._n_train_rounds - self.value_warmup_iters)
+        return self.kl_ref_coef * self.kl_ref_decay**policy_updates
+
+    def train(self) -> None:
+        """Update the policy (or only the value network during the warm-up) on the collected rollout."""
+        self.policy.set_training_mode(True)
+        self._update_learning_rate(self.policy.optimizer)
+        clip_range = self.clip_range(self._current_progress_remaining)  # type: ignore[operator]
+        clip_range_vf = None if self.clip_range_vf is None else self.clip_range_vf(self._current_progress_remaining)  # type: ignore[operator]
+        value_only = self._n_train_rounds < self.value_warmup_iters
+        kl_coef = self.current_kl_ref_coef()
+        logs: dict[str, list[float]] = defaultdict(list)
+
+        continue_training = True
+        for epoch in range(self.n_epochs):
+            for rollout_data in self.rollout_buffer.get(self.batch_size):
+                if value_only:
+                    values = self.policy.predict_values(rollout_data.observations).flatten()
+                    value_loss = self._value_loss(values, rollout_data, clip_range_vf)
+                    logs["value_loss"].append(value_loss.item())
+                    loss = self.vf_coef * value_loss
+                else:
+                    loss, approx_kl_div = self._policy_loss(rollout_data, clip_range, clip_range_vf, kl_coef, logs)
+                    if self.target_kl is not None and approx_kl_div > 1.5 * self.target_kl:
+                        continue_training = False
+                        if self.verbose >= 1:
+                            print(f"Early stopping at step {epoch} due to reaching max kl: {approx_kl_div:.2f}")
+                        break
+
+                self.policy.optimizer.zero_grad()
+                loss.backward()
+                th.nn.utils.clip_grad_norm_(self.policy.parameters(), self.max_grad_norm)
+                self.policy.optimizer.step()
+                logs["loss"].append(loss.item())
+
+            self._n_updates += 1
+            if not continue_training:
+                break
+
+        self._n_train_rounds += 1
+        self._record_train_logs(logs, clip_range, clip_range_vf, value_only, kl_coef)
+
+    def _value_loss(self, values: th.Tensor, rollout_data: Any, clip_range_vf: float | None) -> th.Tensor:
+        if clip_range_vf is not None:  # clip the change of the value (depends on the reward scale)
+            values = rollout_data.old_values + th.clamp(values - rollout_data.old_values, -clip_range_vf, clip_range_vf)
+        return F.mse_loss(rollout_data.returns, values)
+
+    def _evaluate_minibatch(
+        self, rollout_data: Any
+    ) -> tuple[th.Tensor, th.Tensor, th.Tensor, th.Tensor | None, th.Tensor | None]:
+        """values (B,), per-step log-ratio to the rollout policy (B, S), log-probability (B,), entropy (B,) or None,
+        KL to the reference (B,) or None."""
+        obs = rollout_data.observations
+        kl = None
+        if isinstance(self.policy, DiffusionPolicy):
+            evaluation = self.policy.evaluate_chains(obs, rollout_data.chains)
+            # DPPO: the per-step log-density averaged over action dims
+            step_log_ratio = (evaluation.step_log_prob - rollout_data.old_step_log_prob) / self.policy.action_dim
+            if self.reference_policy is not None:
+                with th.no_grad():
+                    reference_means = self.reference_policy.chain_means(obs, rollout_data.chains)  # type: ignore[union-attr]
+                kl = self.policy.kl_divergence(evaluation.means, reference_means)
+            return evaluation.values.flatten(), step_log_ratio, evaluation.step_log_prob.sum(-1), None, kl
+
+        values, log_prob, entropy = self.policy.evaluate_actions(obs, rollout_data.actions)
+        if self.reference_policy is not None:
+            distribution = self.policy.get_distribution(obs).distribution
+            with th.no_grad():
+                reference = self.reference_policy.get_distribution(obs).distribution  # type: ignore[union-attr]
+            kl = th.distributions.kl_divergence(distribution, reference).sum(-1)  # type: ignore[arg-type]
+        return values.flatten(), (log_prob - rollout_data.old_log_prob).unsqueeze(-1), log_prob, entropy, kl
+
+    def _policy_loss(
+        self,
+        rollout_data: Any,
+        clip_range: float,
+        clip_range_vf: float | None,
+        kl_coef: float,
+        logs: dict[str, list[float]],
+    ) -> tuple[th.Tensor, float]:
+        """The chain-PPO loss of one minibatch (module docstring) and its approximate KL to the rollout policy."""
+        values, step_log_ratio, log_prob, entropy, kl = self._evaluate_minibatch(rollout_data)
+        advantages = rollout_data.advantages
+        if self.normalize_advantage and len(advantages) > 1:
+            advantages = (advantages - advantages.mean()) / (advantages.std() + 1e-8)
+        n_denoising_steps = step_log_ratio.shape[1]
+        exponents = th.arange(n_denoising_steps - 1, -1, -1, device=advantages.device, dtype=advantages.dtype)
+        step_advantages = advantages.unsqueeze(-1) * self.denoising_discount**exponents  # (B, S)
+
+        ratio = th.exp(step_log_ratio)
+        policy_loss_1 = step_advantages * ratio
+        policy_loss_2 = step_advantages * th.clamp(ratio, 1 - clip_range, 1 + clip_range)
+        policy_loss = -th.min(policy_loss_1, policy_loss_2).mean()
+        value_loss = self._value_loss(values, rollout_data, clip_range_vf)
+        # no closed-form entropy of a chain: -log pi stands in (SB3's convention when entropy is None)
+        entropy_loss = log_prob.mean() if entropy is None else -entropy.mean()
+        loss = policy_loss + self.ent_coef * entropy_loss + self.vf_coef * value_loss
+        if kl is not None:
+            kl_mean = kl.mean()
+            if kl_coef > 0.0:
+                loss = loss + kl_coef * kl_mean
+            logs["kl_ref"].append(kl_mean.item())
+
+        with th.no_grad():  # Schulman's k3 estimator, per denoising step (SB3 issue #417)
+            approx_kl_div = th.mean((ratio - 1) - step_log_ratio).item()
+        logs["approx_kl"].append(approx_kl_div)
+        logs["policy_gradient_loss"].append(policy_loss.item())
+        logs["value_loss"].append(value_loss.item())
+        logs["entropy_loss"].append(entropy_loss.item())
+        logs["clip_fraction"].append(th.mean((th.abs(ratio - 1) > clip_range).float()).item())
+        return loss, approx_kl_div
+
+    def _record_train_logs(
+        self,
+        logs: dict[str, list[float]],
+        clip_range: float,
+        clip_range_vf: float | None,
+        value_only: bool,
+        kl_coef: float,
+    ) -> None:
+        for key in ("entropy_loss", "policy_gradient_loss", "value_loss", "approx_kl", "clip_fraction", "loss", "kl_ref"):
+            if logs[key]:
+                self.logger.record(f"train/{key}", float(np.mean(logs[key])))
+        values, returns = self.rollout_buffer.values.flatten(), self.rollout_buffer.returns.flatten()
+        self.logger.record("train/explained_variance", float(explained_variance(values, returns)))
+        self.logger.record("train/value_warmup", int(value_only))
+        if self.reference_policy is not None:
+            self.logger.record("train/kl_ref_coef", kl_coef)
+        if isinstance(self.policy, DiffusionPolicy):
+            chain_log_prob = self.rollout_buffer.log_probs
+            self.logger.record("train/chain_log_prob_mean", float(np.mean(chain_log_prob)))
+            self.logger.record("train/chain_log_prob_std", float(np.std(chain_log_prob)))
+        elif hasattr(self.policy, "log_std"):
+            self.logger.record("train/std", th.exp(self.policy.log_std).mean().item())
+        self.logger.record("train/n_updates", self._n_updates, exclude="tensorboard")
+        self.logger.record("train/clip_range", clip_range)
+        if clip_range_vf is not None:
+            self.logger.record("train/clip_range_vf", clip_range_vf)
+
+    def learn(
+        self: SelfUEPO,
+        total_timesteps: int,
+        callback: MaybeCallback = None,
+        log_interval: int = 1,
+        tb_log_name: str = "UEPO",
+        reset_num_timesteps: bool = True,
+        progress_bar: bool = False,
+    ) -> SelfUEPO:
+        self._maybe_pretrain()
+        self._warn_if_observations_normalised_twice()
+        return super().learn(
+            total_timesteps=total_timesteps,
+            callback=callback,
+            log_interval=log_interval,
+            tb_log_name=tb_log_name,
+            reset_num_timesteps=reset_num_timesteps,
+            progress_bar=progress_bar,
+        )
+
+    def _warn_if_observations_normalised_twice(self) -> None:
+        vec_normalize = self.get_vec_normalize_env()
+        if vec_normalize is None or not vec_normalize.norm_obs or not isinstance(self.policy, DiffusionPolicy):
+            return
+        identity = bool((self.policy.obs_mean == 0).all() and (self.policy.obs_std == 1).all())
+        if not identity:
+            warnings.warn(
+                "VecNormalize(norm_obs=True) re-estimates observation statistics on top of the policy's fixed ones "
+                "(set_observation_statistics); use VecNormalize(norm_obs=False) to keep the offline normalisation"
+            )
+
+    # ------------------------------------------------------------------------------------------ save / load
+    def _excluded_save_params(self) -> list[str]:
+        excluded = [*super()._excluded_save_params(), "reference_policy"]
+        if self.dataset is not None and not isinstance(self.dataset, (str, os.PathLike)):
+            excluded.append("dataset")  # an in-memory dataset is not pickled into the model file
+        return excluded
+
+    def _get_torch_save_params(self) -> tuple[list[str], list[str]]:
+        state_dicts = ["policy", "policy.optimizer"]
+        if self.reference_policy is not None:
+            state_dicts.append("reference_policy")
+        return state_dicts, []
+
+    @classmethod
+    def load(  # type: ignore[override]
+        cls: type[SelfUEPO],
+        path: str | pathlib.Path | io.BufferedIOBase,
+        env: GymEnv | None = None,
+        device: th.device | str = "auto",
+        custom_objects: dict[str, Any] | None = None,
+        print_system_info: bool = False,
+        force_reset: bool = True,
+        **kwargs,
+    ) -> SelfUEPO:
+        """SB3's ``load``; a model saved on other observation/action spaces than ``env``'s fails with a clear message.
+        ``env=None`` loads for prediction only."""
+        try:
+            return super().load(path, env, device, custom_objects, print_system_info, force_reset, **kwargs)
+        except ValueError as error:
+            if not _is_spaces_error(error):
+                raise
+            raise _spaces_error(error, f"cannot load {path!r} onto this environment") from error
+
+    def set_env(self, env: GymEnv, force_reset: bool = True) -> None:
+        try:
+            super().set_env(env, force_reset)
+        except ValueError as error:
+            if not _is_spaces_error(error):
+                raise
+            raise _spaces_error(error, "cannot use this environment with this model") from error
+
+
+def _is_spaces_error(error: ValueError) -> bool:
+    return "spaces do not match" in str(error)  # SB3's check_for_correct_spaces
+
+
+def _spaces_error(error: ValueError, what: str) -> ValueError:
+    """A clearer message for SB3's ``check_for_correct_spaces`` error."""
+    return ValueError(
+        f"{what}: the model was trained on different spaces ({error}). Use the environment the model was trained on "
+        "(same observation and action spaces), or load with env=None for prediction only."
+    )
