@@ -1,0 +1,322 @@
+"""Configuration of the offline pretraining phase: :class:`OfflineConfig`, its presets and :func:`resolve_offline_config`.
+
+Owns: every budget, switch and coefficient of the policy-side offline stages (behaviour diffusion, IQL critics,
+members, offline PPO with its regularisers, OPE gating), the nested dynamics / augmentation configs as the
+pipeline passes them on, the presets ``quick``, ``default``, ``paper`` and ``uni_o4``, and three small runtime
+helpers every policy-side stage shares (:func:`activation_class`, :func:`log_values`, :func:`progress_bar`).
+Must not touch: the training code of any stage (each stage reads its fields from here), the dynamics and
+augmentation defaults themselves (``dynamics.py`` / ``augmentation.py`` own them; presets only change budgets).
+
+Presets can be combined with ``+``: a budget preset first, then a variant, e.g. ``"quick+uni_o4"`` is the Uni-O4
+baseline with the ``quick`` budgets, so that UEPO and the baseline run through the same code and budget.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+from dataclasses import dataclass, field
+from typing import Any
+
+from torch import nn
+
+from sb3_uepo.common.offline.augmentation import AugmentationConfig
+from sb3_uepo.common.offline.dynamics import DynamicsConfig
+
+POLICY_TYPES = ("diffusion", "gaussian")
+OPE_SCORES = ("model_return", "mean_q")
+MEMBER_NOISE = ("seed", "random")
+PERTURB_TARGETS = ("weights", "seed")
+ACTIVATIONS = ("tanh", "relu", "mish", "silu", "elu")
+
+
+@dataclass
+class OfflineConfig:
+    """Everything the offline phase needs besides the data. Step counts are gradient steps."""
+
+    # ------------------------------------------------------------------ general
+    seed: int = 0  # seeds every stage (each stage derives its own stream, so a resumed run repeats the same draws)
+    n_members: int = 4  # n sub-policies improved in parallel (DESIGN stage 3)
+    policy_type: str = "diffusion"  # "diffusion": members copied from the ONE behaviour denoiser; "gaussian": Uni-O4
+    gamma: float = 0.99  # discount of the IQL critics and of the OPE model return
+
+    # ------------------------------------------------------------------ stage 1: behaviour diffusion model
+    n_diffusion_steps: int = 20  # K: training diffusion steps (cosine schedule, epsilon prediction)
+    n_sampling_steps: int = 5  # S: DDIM/DDPM steps used to act (and the length of the PPO chain)
+    sampler: str = "ddim"  # "ddim" or "ddpm" (ChainSampler)
+    min_std: float = 0.1  # floor of every denoising step's std (DPPO): chain log-probs and exploration noise
+    denoiser_hidden_sizes: tuple[int, ...] = (256, 256, 256)  # Denoiser MLP widths (must match the online policy)
+    time_embed_dim: int = 32  # Denoiser step-embedding width (must match the online policy)
+    behavior_steps: int = 20_000  # gradient steps of the behaviour denoiser
+    behavior_batch_size: int = 256
+    behavior_lr: float = 3e-4  # Adam, cosine-decayed to 10% over behavior_steps
+    behavior_ema: float = 0.995  # EMA of the denoiser weights; the EMA copy is the behaviour model (0 disables)
+
+    # ------------------------------------------------------------------ stage 2: IQL critics
+    iql_steps: int = 50_000  # gradient steps of Q and V
+    iql_batch_size: int = 256
+    iql_lr: float = 3e-4  # Adam for Q1, Q2 and V
+    expectile: float = 0.7  # IQL expectile of the V regression (DESIGN)
+    target_update_rate: float = 0.005  # Polyak rate of the target Q networks
+    q_hidden_sizes: tuple[int, ...] = (256, 256)  # each of the two Q MLPs (ReLU)
+    value_net_arch: tuple[int, ...] = (256, 256)  # V = Sequential(*create_mlp(obs_dim, 1, arch, act)), as the online value net
+    value_activation: str = "tanh"  # activation of V; must match the online policy's value net (SB3 default: tanh)
+
+    # ------------------------------------------------------------------ stage 5: dynamics and augmentation (other owner)
+    augment: bool = True  # train the dynamics on real + filtered diffusion-synthesised transitions (False: real only)
+    dynamics: DynamicsConfig = field(default_factory=DynamicsConfig)  # passed to fit_dynamics (seed/device overridden)
+    augmentation: AugmentationConfig = field(default_factory=AugmentationConfig)  # passed to synthesize_transitions
+
+    # ------------------------------------------------------------------ stage 3: members
+    member_noise: str = "seed"  # "seed": every chain starts at the member's fixed seed noise; "random": N(0, I) each time
+    gaussian_hidden_sizes: tuple[int, ...] = (256, 256, 256)  # Gaussian members (Uni-O4: 3 x 256)
+    gaussian_activation: str = "relu"  # Gaussian members' activation (Uni-O4: ReLU)
+    gaussian_log_std_init: float = 0.0  # state-independent log-std of the Gaussian members at init
+    gaussian_bc_steps: int = 20_000  # separate BC of the Gaussian members (batched)
+    gaussian_bc_lr: float = 1e-4  # Adam (Uni-O4: 1e-4)
+    gaussian_bc_batch_size: int = 512  # one batch shared by all members per step (as Uni-O4's joint_train)
+    uni_o4_diversity: bool = False  # Uni-O4's heuristic term -alpha (log pi_i(a|s) - max_{j != i} log pi_j(a|s)) in BC
+    uni_o4_alpha: float = 0.1  # its weight (Uni-O4: alpha_bc = 0.1)
+
+    # ------------------------------------------------------------------ stage 4: offline multi-step PPO
+    ppo_steps: int = 2_000  # gradient steps of offline PPO (all members at once)
+    ppo_batch_size: int = 256  # dataset states per step (shared by the members)
+    ppo_lr: float = 1e-5  # Adam on the member weights
+    clip_range: float = 0.25  # PPO clip of the exact chain ratio (Uni-O4 offline)
+    linear_decay: bool = True  # decay lr and clip linearly to 0 over ppo_steps (Uni-O4's is_linear_decay)
+    advantage_omega: float = 0.7  # BPPO's asymmetric weight: omega on A > 0, 1 - omega on A < 0 (0.5: off)
+    max_grad_norm: float = 0.5  # per-member gradient-norm clip (BPPO: 0.5)
+    max_log_ratio: float = 20.0  # clamp of the chain log-ratio before exp (numerical guard only)
+
+    # ------------------------------------------------------------------ stage 4: regularisers
+    use_divergence: bool = True  # sequence divergence between members, rewarded up to tau
+    divergence_coef: float = 0.1  # weight of the divergence loss mean_{i<j} relu(tau - div_ij)
+    tau: float = 1.0  # target divergence: no push beyond it; perturbation fires below it
+    segment_length: int = 8  # T: segments s_t .. s_{t+T} (T + 1 states, T velocities, T - 1 accelerations)
+    segment_batch_size: int = 64  # segments per update for the divergence and KL terms
+    regularizer_interval: int = 1  # compute the divergence / KL terms every this many PPO steps
+    use_perturbation: bool = True  # adaptive perturbation of the newer member when div < tau
+    eta: float = 0.002  # perturbation scale: sigma = eta * (tau - div) / tau
+    perturb_interval: int = 100  # PPO steps between perturbation checks
+    perturb_target: str = "weights"  # "weights" (every weight of the newer member) or "seed" (its seed noise)
+    use_kl: bool = True  # sequence-level KL of each member to the behaviour model
+    kl_coef: float = 0.001  # weight of the KL term (sum over steps and sequence, mean over segments)
+
+    # ------------------------------------------------------------------ stage 6: OPE gating and choice
+    ope_score: str = "model_return"  # "model_return" (rollouts in the dynamics + gamma^H V) or "mean_q" (Uni-O4 cheap)
+    ope_interval: int = 100  # PPO steps between OPE evaluations (Uni-O4: 100); each may replace a member's "previous"
+    ope_horizon: int = 50  # H_ope: model rollout length
+    ope_n_starts: int = 128  # dataset states the rollouts start from (one fixed sample, common to every evaluation)
+    ope_deterministic_policy: bool = True  # members act deterministically (DDIM from their seed noise / Gaussian mean)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-able copy (tuples become lists, nested configs dicts)."""
+        return dataclasses.asdict(self)
+
+    def validate(self) -> OfflineConfig:
+        """Raise ``ValueError`` with a clear message on an inconsistent value; return self."""
+        checks: list[tuple[bool, str]] = [
+            (self.n_members >= 1, f"n_members must be >= 1, got {self.n_members}"),
+            (self.policy_type in POLICY_TYPES, f"policy_type must be one of {POLICY_TYPES}, got {self.policy_type!r}"),
+            (0.0 < self.gamma <= 1.0, f"gamma must be in (0, 1], got {self.gamma}"),
+            (self.sampler in ("ddim", "ddpm"), f"sampler must be 'ddim' or 'ddpm', got {self.sampler!r}"),
+            (
+                1 <= self.n_sampling_steps <= self.n_diffusion_steps,
+                f"n_sampling_steps must be in [1, n_diffusion_steps={self.n_diffusion_steps}], got {self.n_sampling_steps}",
+            ),
+            (self.min_std > 0, f"min_std must be > 0, got {self.min_std}"),
+            (0.0 < self.expectile < 1.0, f"expectile must be in (0, 1), got {self.expectile}"),
+            (0.0 <= self.behavior_ema < 1.0, f"behavior_ema must be in [0, 1), got {self.behavior_ema}"),
+            (self.value_activation in ACTIVATIONS, f"value_activation must be one of {ACTIVATIONS}"),
+            (self.gaussian_activation in ACTIVATIONS, f"gaussian_activation must be one of {ACTIVATIONS}"),
+            (self.member_noise in MEMBER_NOISE, f"member_noise must be one of {MEMBER_NOISE}, got {self.member_noise!r}"),
+            (self.perturb_target in PERTURB_TARGETS, f"perturb_target must be one of {PERTURB_TARGETS}"),
+            (self.ope_score in OPE_SCORES, f"ope_score must be one of {OPE_SCORES}, got {self.ope_score!r}"),
+            (
+                self.segment_length >= 2,
+                f"segment_length (T) must be >= 2 (accelerations need 3 actions), got {self.segment_length}",
+            ),
+            (0.0 < self.clip_range < 1.0, f"clip_range must be in (0, 1), got {self.clip_range}"),
+            (0.0 <= self.advantage_omega <= 1.0, f"advantage_omega must be in [0, 1], got {self.advantage_omega}"),
+            (self.tau > 0, f"tau must be > 0, got {self.tau}"),
+            (self.eta >= 0, f"eta must be >= 0, got {self.eta}"),
+            (
+                self.ope_interval >= 1 and self.perturb_interval >= 1 and self.regularizer_interval >= 1,
+                "intervals must be >= 1",
+            ),
+            (self.ope_horizon >= 0 and self.ope_n_starts >= 1, "ope_horizon must be >= 0 and ope_n_starts >= 1"),
+        ]
+        for name in (
+            "behavior_steps",
+            "iql_steps",
+            "gaussian_bc_steps",
+            "ppo_steps",
+            "behavior_batch_size",
+            "iql_batch_size",
+            "gaussian_bc_batch_size",
+            "ppo_batch_size",
+            "segment_batch_size",
+        ):
+            checks.append((getattr(self, name) >= 0, f"{name} must be >= 0, got {getattr(self, name)}"))
+        for ok, message in checks:
+            if not ok:
+                raise ValueError(f"OfflineConfig: {message}")
+        if self.policy_type == "gaussian" and (self.use_divergence or self.use_kl or self.use_perturbation):
+            raise ValueError(
+                "OfflineConfig: the sequence divergence, the adaptive perturbation and the KL to the behaviour diffusion "
+                "model need diffusion members; with policy_type='gaussian' set use_divergence, use_perturbation and "
+                "use_kl to False (the 'uni_o4' preset does)."
+            )
+        return self
+
+    @property
+    def needs_dynamics(self) -> bool:
+        """The dynamics ensemble is trained when OPE rolls out in it or augmentation is on."""
+        return self.ope_score == "model_return" or self.augment
+
+    @property
+    def needs_segments(self) -> bool:
+        """Dataset segments of length T are needed (divergence, perturbation or sequence KL)."""
+        return self.policy_type == "diffusion" and (self.use_divergence or self.use_perturbation or self.use_kl)
+
+
+# ---------------------------------------------------------------------------------------------- presets
+# A preset is a dict of overrides on the OfflineConfig defaults ("default" is the empty dict). Nested configs take
+# a dict of their own fields. Budget presets set step counts; variant presets (uni_o4) set switches.
+PRESETS: dict[str, dict[str, Any]] = {
+    # Real but small: the whole offline phase on ~80k Hopper transitions in a few minutes on 2 CPU cores.
+    "quick": dict(
+        behavior_steps=3_000,
+        iql_steps=4_000,
+        gaussian_bc_steps=3_000,
+        ppo_steps=400,
+        ppo_lr=3e-5,
+        segment_batch_size=32,
+        regularizer_interval=2,
+        ope_interval=50,
+        perturb_interval=50,
+        ope_horizon=30,
+        ope_n_starts=64,
+        dynamics=dict(max_steps=1_500, eval_interval=250, patience=4, max_holdout=2_000),
+        augmentation=dict(ratio=0.25, train_steps=1_500, reference_size=2_000),
+    ),
+    # CPU-friendly full run (tens of minutes to an hour on 2 cores).
+    "default": {},
+    # Full budgets, for a GPU (Uni-O4 / DPPO scale).
+    "paper": dict(
+        behavior_steps=200_000,
+        behavior_batch_size=512,
+        iql_steps=1_000_000,
+        iql_batch_size=512,
+        gaussian_bc_steps=400_000,
+        ppo_steps=10_000,
+        ppo_batch_size=512,
+        ope_horizon=100,
+        ope_n_starts=512,
+        dynamics=dict(max_steps=200_000, patience=8),
+        augmentation=dict(ratio=2.0, train_steps=100_000),
+    ),
+    # Uni-O4 baseline: Gaussian members by separate BC with its heuristic diversity term, no sequence divergence,
+    # no perturbation, no KL to a diffusion model, no augmentation, OPE with mean Q (no dynamics model needed).
+    "uni_o4": dict(
+        policy_type="gaussian",
+        uni_o4_diversity=True,
+        use_divergence=False,
+        use_perturbation=False,
+        use_kl=False,
+        augment=False,
+        ope_score="mean_q",
+        ppo_lr=1e-4,
+    ),
+}
+BUDGET_PRESETS = ("quick", "default", "paper")
+VARIANT_PRESETS = ("uni_o4",)
+
+
+def _coerce(value: Any, default: Any) -> Any:
+    """YAML / JSON give lists where the config holds tuples."""
+    if isinstance(default, tuple) and isinstance(value, list):
+        return tuple(value)
+    return value
+
+
+def _apply(target: Any, overrides: dict[str, Any], where: str) -> None:
+    """Set ``overrides`` on a dataclass instance (recursing into nested configs); unknown keys raise."""
+    names = {f.name for f in dataclasses.fields(target)}
+    for key, value in overrides.items():
+        head, _, rest = key.partition(".")
+        if head not in names:
+            close = difflib.get_close_matches(head, sorted(names), n=3)
+            hint = f" Did you mean {', '.join(repr(c) for c in close)}?" if close else ""
+            raise ValueError(f"Unknown offline config key '{where}{head}'.{hint} Valid keys: {', '.join(sorted(names))}.")
+        current = getattr(target, head)
+        if dataclasses.is_dataclass(current):
+            if rest:
+                _apply(current, {rest: value}, f"{where}{head}.")
+            elif isinstance(value, dict):
+                _apply(current, value, f"{where}{head}.")
+            elif isinstance(value, type(current)):
+                setattr(target, head, value)
+            else:
+                raise ValueError(f"Offline config key '{where}{head}' takes a dict of its fields, got {type(value).__name__}")
+        elif rest:
+            raise ValueError(f"Offline config key '{where}{head}' has no sub-keys (got {key!r})")
+        else:
+            setattr(target, head, _coerce(value, current))
+
+
+def resolve_offline_config(
+    preset: str | OfflineConfig | None = "default", overrides: dict[str, Any] | None = None
+) -> OfflineConfig:
+    """Build an :class:`OfflineConfig` from a preset name and overrides.
+
+    :param preset: ``"quick"``, ``"default"``, ``"paper"``, ``"uni_o4"``, a combination ``"quick+uni_o4"``
+        (applied left to right), an existing config (copied), or None (``"default"``)
+    :param overrides: field values on top of the preset; nested configs by dict (``{"dynamics": {"max_steps": 10}}``)
+        or dotted key (``{"dynamics.max_steps": 10}``)
+    :return: the validated config
+    """
+    if isinstance(preset, OfflineConfig):
+        config = dataclasses.replace(
+            preset, dynamics=dataclasses.replace(preset.dynamics), augmentation=dataclasses.replace(preset.augmentation)
+        )
+    else:
+        config = OfflineConfig()
+        for name in (preset or "default").split("+"):
+            name = name.strip()
+            if name not in PRESETS:
+                raise ValueError(
+                    f"Unknown offline preset {name!r}. Known presets: {', '.join(PRESETS)} "
+                    "(combine a budget and a variant with '+', e.g. 'quick+uni_o4')."
+                )
+            _apply(config, PRESETS[name], "")
+    _apply(config, dict(overrides or {}), "")
+    return config.validate()
+
+
+# ---------------------------------------------------------------------------------------------- stage helpers
+_ACTIVATION_CLASSES: dict[str, type[nn.Module]] = dict(tanh=nn.Tanh, relu=nn.ReLU, mish=nn.Mish, silu=nn.SiLU, elu=nn.ELU)
+
+
+def activation_class(name: str) -> type[nn.Module]:
+    """The ``torch.nn`` class of an activation name of :data:`ACTIVATIONS` (``"tanh"`` -> ``nn.Tanh``)."""
+    try:
+        return _ACTIVATION_CLASSES[name.lower()]
+    except KeyError:
+        raise ValueError(f"Unknown activation {name!r}; use one of {ACTIVATIONS}") from None
+
+
+def log_values(logger: Any, prefix: str, values: dict[str, float], step: int) -> None:
+    """Record ``values`` under ``prefix/`` on an SB3 logger (``record`` / ``dump``) and dump them at ``step``."""
+    if logger is None:
+        return
+    for key, value in values.items():
+        logger.record(f"{prefix}/{key}", value)
+    logger.dump(step=step)
+
+
+def progress_bar(total: int, enabled: bool, desc: str) -> Any:
+    """A tqdm bar of ``total`` steps (disabled when ``enabled`` is False)."""
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, disable=not enabled, desc=desc, leave=False, dynamic_ncols=True)

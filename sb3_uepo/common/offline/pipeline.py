@@ -1,0 +1,689 @@
+"""The offline phase of UEPO end to end: :func:`pretrain` / :class:`OfflinePretrainer` and :class:`OfflineResult`.
+
+Owns: the order of the stages, input validation, the data conventions of the offline phase (fixed observation
+normalisation, actions scaled to [-1, 1]), per-stage checkpoints and resuming, the stage logging and the choice of the
+member handed to online learning. Must not touch: any stage's internals (``behavior.py``, ``iql.py``, ``dynamics.py``,
+``augmentation.py``, ``members.py``, ``offline_ppo.py``, ``divergence.py``, ``ope.py``), the environment (the offline
+phase never gets one: the member is chosen by OPE alone), the online algorithm (``sb3_uepo/uepo/``).
+
+Stages, in order (DESIGN.md):
+
+========== ===============================================================================================
+behavior   one state-conditioned denoiser on the dataset (skipped for Gaussian members, ``uni_o4``)
+iql        IQL critics V, Q1, Q2 (expectile 0.7, target networks)
+dynamics   dynamics ensemble on real data; with ``augment``: diffusion-synthesised transitions, filtered, and the
+           ensemble refitted on real + synthetic (skipped when OPE uses mean Q and augmentation is off)
+members    n members copied from the ONE behaviour denoiser with their own seed noise (or Gaussian BC members)
+offline_ppo offline PPO of all members at once with the regularisers; OPE every ``ope_interval`` steps gates each
+           member's previous policy; resumable inside the stage (a partial checkpoint at every OPE)
+========== ===============================================================================================
+
+Then the member with the best OPE score of its best-by-OPE policy is chosen.
+
+Checkpoints (``checkpoint_dir``): ``stage_<name>.pt`` for every completed stage, ``stage_offline_ppo.partial.pt``
+while offline PPO runs, and ``progress.json`` (completed stages, per-stage reports, a fingerprint of the config and
+the data). Every file is written atomically. Rerunning with the same directory, config and data skips the completed
+stages and continues the interrupted one; a different config or dataset raises a clear error instead of mixing runs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import time
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from gymnasium import spaces
+from torch import nn
+
+from sb3_uepo.common.io import atomic_path, write_json
+from sb3_uepo.common.offline.behavior import fit_behavior_model, make_denoiser, make_sampler
+from sb3_uepo.common.offline.config import OfflineConfig, log_values, resolve_offline_config
+from sb3_uepo.common.offline.divergence import SegmentSampler, pairwise_divergence
+from sb3_uepo.common.offline.iql import IQLCritics, fit_iql, make_value_net
+from sb3_uepo.common.offline.members import (
+    DiffusionMembers,
+    GaussianActor,
+    GaussianMembers,
+    diffusion_members_from_state,
+    fit_gaussian_members,
+    gaussian_members_from_state,
+    make_diffusion_members,
+)
+from sb3_uepo.common.offline.offline_ppo import OfflinePolicyImprovement
+
+STAGES = ("behavior", "iql", "dynamics", "members", "offline_ppo")
+CHECKPOINT_FORMAT = 1
+
+
+# ---------------------------------------------------------------------------------------------- result
+@dataclass
+class OfflineResult:
+    """What the offline phase hands to online learning (and to the report).
+
+    Spaces: the policy and value nets take observations normalised as ``(obs - obs_mean) / obs_std`` and the policy
+    outputs actions in [-1, 1]; env actions are ``low + (a + 1) (high - low) / 2``.
+    """
+
+    chosen_member: int  # index of the member handed on
+    chosen_reason: str  # why (OPE scores; never an environment)
+    policy_type: str  # "diffusion" (Denoiser) or "gaussian" (GaussianActor)
+    policy_state_dict: dict[str, torch.Tensor]  # the chosen member's weights (Denoiser or GaussianActor state dict)
+    seed_noise: torch.Tensor | None  # (A,) the chosen member's initial chain noise x_0 (diffusion, member_noise="seed")
+    behavior_state_dict: dict[str, torch.Tensor] | None  # behaviour denoiser: the KL reference online (None for gaussian)
+    value_state_dict: dict[str, torch.Tensor]  # IQL V, loads into Sequential(*create_mlp(O, 1, value_net_arch, act))
+    obs_mean: np.ndarray  # (O,) fixed observation normalisation (float32)
+    obs_std: np.ndarray  # (O,)
+    action_low: np.ndarray  # (A,) env action bounds used for the [-1, 1] scaling
+    action_high: np.ndarray  # (A,)
+    architecture: dict[str, Any]  # constructor kwargs: "policy", "sampler", "value" (see build_* methods)
+    initial_ope_scores: list[float] | None  # per member, before offline PPO
+    best_ope_scores: list[float] | None  # per member, of its best-by-OPE policy
+    ope_history: list[dict[str, Any]]  # every OPE: step, scores, best, improved (per member)
+    stage_reports: dict[str, dict[str, Any]]  # per stage: losses, curves, seconds, ...
+    config: dict[str, Any]  # the resolved OfflineConfig
+    seconds: dict[str, float] = field(default_factory=dict)  # wall time per stage (this run and resumed ones)
+
+    # ------------------------------------------------------------------------------------------ builders
+    def build_policy(self) -> nn.Module:
+        """The chosen member as a module (a :class:`Denoiser` or a :class:`GaussianActor`), weights loaded."""
+        kwargs = dict(self.architecture["policy"])
+        module: nn.Module
+        if self.policy_type == "diffusion":
+            from sb3_uepo.common.diffusion import Denoiser
+
+            module = Denoiser(**kwargs)
+        else:
+            module = GaussianActor(**kwargs)
+        module.load_state_dict(self.policy_state_dict)
+        return module
+
+    def build_behavior(self) -> nn.Module | None:
+        """The behaviour denoiser (online KL reference), or None for Gaussian members."""
+        if self.behavior_state_dict is None:
+            return None
+        from sb3_uepo.common.diffusion import Denoiser
+
+        module = Denoiser(**self.architecture["policy"])
+        module.load_state_dict(self.behavior_state_dict)
+        return module
+
+    def build_sampler(self) -> nn.Module:
+        """The :class:`ChainSampler` the members were trained and scored with."""
+        from sb3_uepo.common.diffusion import ChainSampler, NoiseSchedule
+
+        kw = self.architecture["sampler"]
+        return ChainSampler(
+            NoiseSchedule(kw["n_train_steps"]), kw["n_sampling_steps"], sampler=kw["sampler"], min_std=kw["min_std"]
+        )
+
+    def build_value_net(self) -> nn.Sequential:
+        """The IQL value net with the online layout, weights loaded."""
+        kw = self.architecture["value"]
+        net = make_value_net(len(self.obs_mean), kw["net_arch"], kw["activation"])
+        net.load_state_dict(self.value_state_dict)
+        return net
+
+    def normalize_obs(self, obs: np.ndarray) -> np.ndarray:
+        return ((np.asarray(obs, dtype=np.float32) - self.obs_mean) / self.obs_std).astype(np.float32)
+
+    def unscale_action(self, action: np.ndarray) -> np.ndarray:
+        """[-1, 1] -> env units."""
+        a = np.clip(np.asarray(action, dtype=np.float32), -1.0, 1.0)
+        return self.action_low + (a + 1.0) * 0.5 * (self.action_high - self.action_low)
+
+    # ------------------------------------------------------------------------------------------ report, persistence
+    def to_report(self) -> dict[str, Any]:
+        """JSON-able summary (no weights): chosen member and why, OPE scores over time, per-stage losses, config."""
+        return _jsonable(
+            dict(
+                chosen_member=self.chosen_member,
+                chosen_reason=self.chosen_reason,
+                policy_type=self.policy_type,
+                initial_ope_scores=self.initial_ope_scores,
+                best_ope_scores=self.best_ope_scores,
+                ope_history=self.ope_history,
+                stages=self.stage_reports,
+                seconds=self.seconds,
+                obs_mean=self.obs_mean,
+                obs_std=self.obs_std,
+                action_low=self.action_low,
+                action_high=self.action_high,
+                architecture=self.architecture,
+                config=self.config,
+            )
+        )
+
+    def save(self, path: str | Path) -> None:
+        """Write the result (weights included) atomically with ``torch.save``."""
+        with atomic_path(path) as tmp:
+            torch.save(dataclasses.asdict(self), tmp)
+
+    @classmethod
+    def load(cls, path: str | Path) -> OfflineResult:
+        return cls(**torch.load(path, map_location="cpu", weights_only=False))
+
+
+# ---------------------------------------------------------------------------------------------- helpers
+def _jsonable(obj: Any) -> Any:
+    if isinstance(obj, dict):
+        return {str(k): _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [_jsonable(v) for v in obj]
+    if isinstance(obj, np.ndarray | torch.Tensor):
+        return np.asarray(obj.detach().cpu() if isinstance(obj, torch.Tensor) else obj).tolist()
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if isinstance(obj, float) and not np.isfinite(obj):
+        return None
+    return obj
+
+
+class _PrefixLogger:
+    """Adds ``offline/`` in front of the keys of the stages that log without it (dynamics, augmentation)."""
+
+    def __init__(self, logger: Any, prefix: str = "offline/") -> None:
+        self.logger, self.prefix = logger, prefix
+
+    def record(self, key: str, value: Any, exclude: Any = None) -> None:
+        self.logger.record(self.prefix + key, value, exclude=exclude)
+
+    def dump(self, step: int = 0) -> None:
+        self.logger.dump(step=step)
+
+
+def _box(space: Any, what: str) -> spaces.Box:
+    if not isinstance(space, spaces.Box):
+        raise ValueError(f"pretrain: the {what} space must be a gymnasium Box, got {type(space).__name__}")
+    return space
+
+
+@dataclass
+class _Data:
+    """The dataset as tensors in the offline conventions."""
+
+    obs: torch.Tensor  # (N, O) normalised
+    actions: torch.Tensor  # (N, A) in [-1, 1]
+    rewards: torch.Tensor  # (N,)
+    next_obs: torch.Tensor  # (N, O) normalised
+    terminals: torch.Tensor  # (N,) float
+    episode_starts: torch.Tensor  # (N,) bool
+    obs_mean: np.ndarray
+    obs_std: np.ndarray
+    action_low: np.ndarray
+    action_high: np.ndarray
+
+
+# ---------------------------------------------------------------------------------------------- pretrainer
+class OfflinePretrainer:
+    """Runs the offline stages in order with checkpoints; see the module docstring.
+
+    :param dataset: an :class:`~sb3_uepo.common.datasets.container.OfflineDataset`
+    :param observation_space: the env's observation space (Box); only its shape is used
+    :param action_space: the env's action space (Box); its bounds define the [-1, 1] scaling
+    :param config: an :class:`OfflineConfig`, a preset name, or None (``"default"``)
+    :param logger: SB3 logger (keys ``offline/<stage>/...``) or None
+    :param checkpoint_dir: directory of the stage checkpoints; None keeps nothing on disk
+    :param progress_bar: one progress bar per stage
+    :param device: torch device of the offline training
+    :param env_id: task id for the model-rollout termination rule (default: ``dataset.env_id``)
+    :param termination_fn: custom termination rule on normalised observations (overrides ``env_id``)
+    :param resume: continue from ``checkpoint_dir``'s completed stages (False: start over and overwrite)
+    """
+
+    def __init__(
+        self,
+        dataset: Any,
+        observation_space: spaces.Space,
+        action_space: spaces.Space,
+        config: OfflineConfig | str | None = None,
+        logger: Any = None,
+        checkpoint_dir: str | Path | None = None,
+        progress_bar: bool = True,
+        device: str | torch.device = "cpu",
+        env_id: str | None = None,
+        termination_fn: Callable[[torch.Tensor], torch.Tensor] | None = None,
+        resume: bool = True,
+    ) -> None:
+        self.config = config if isinstance(config, OfflineConfig) else resolve_offline_config(config)
+        self.config.validate()
+        self.dataset = dataset
+        self.observation_space = _box(observation_space, "observation")
+        self.action_space = _box(action_space, "action")
+        self.logger = logger
+        self.checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir is not None else None
+        self.progress = progress_bar
+        self.device = torch.device(device)
+        self.env_id = env_id or getattr(dataset, "env_id", None)
+        self.custom_termination = termination_fn
+        self.resume = resume
+        self.data = self._prepare_data()
+        self.segment_sampler = (
+            SegmentSampler(self.data.episode_starts.cpu(), self.config.segment_length) if self.config.needs_segments else None
+        )
+        self.fingerprint = self._fingerprint()
+        self.reports: dict[str, dict[str, Any]] = {}
+        self.completed: list[str] = []
+        self.seconds: dict[str, float] = {}
+        self.outputs: dict[str, Any] = {}
+
+    # ------------------------------------------------------------------------------------------ inputs
+    def _prepare_data(self) -> _Data:
+        from sb3_uepo.common.datasets.validation import validate_dataset
+
+        ds = self.dataset
+        validate_dataset(ds, observation_space=self.observation_space, action_space=self.action_space)
+        low, high = self.action_space.low.astype(np.float64).reshape(-1), self.action_space.high.astype(np.float64).reshape(-1)
+        if not (np.isfinite(low).all() and np.isfinite(high).all()) or (high <= low).any():
+            raise ValueError(
+                "pretrain: the action space needs finite bounds with high > low to scale actions to [-1, 1], "
+                f"got low={low}, high={high}"
+            )
+        min_transitions = 2
+        if len(ds) < min_transitions:
+            raise ValueError(
+                f"Dataset '{ds.name}' holds {len(ds)} transition(s); offline pretraining needs at least {min_transitions}."
+            )
+        stats = ds.statistics()
+        mean, std = stats.obs_mean.astype(np.float32), stats.obs_std.astype(np.float32)
+        actions = 2.0 * (ds.actions.astype(np.float64) - low) / (high - low) - 1.0
+        outside = np.abs(actions) > 1.0 + 1e-6
+        if outside.any():
+            warnings.warn(
+                f"Dataset '{ds.name}': {int(outside.any(1).sum())} action(s) slightly outside the action bounds were clipped.",
+                stacklevel=3,
+            )
+
+        def t(x: np.ndarray, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+            return torch.as_tensor(np.asarray(x), dtype=dtype, device=self.device)
+
+        return _Data(
+            obs=t((ds.observations - mean) / std),
+            actions=t(np.clip(actions, -1.0, 1.0)),
+            rewards=t(ds.rewards),
+            next_obs=t((ds.next_observations - mean) / std),
+            terminals=t(ds.terminals),
+            episode_starts=t(ds.episode_starts, torch.bool),
+            obs_mean=mean,
+            obs_std=std,
+            action_low=low.astype(np.float32),
+            action_high=high.astype(np.float32),
+        )
+
+    def _fingerprint(self) -> str:
+        h = hashlib.sha256()
+        h.update(json.dumps(_jsonable(self.config.to_dict()), sort_keys=True).encode())
+        for arr in (self.dataset.observations, self.dataset.actions, self.dataset.rewards, self.dataset.terminals):
+            h.update(np.ascontiguousarray(arr).tobytes())
+        h.update(self.data.action_low.tobytes() + self.data.action_high.tobytes())
+        return h.hexdigest()
+
+    def termination_fn(self) -> Callable[[torch.Tensor], torch.Tensor] | None:
+        """The task's termination rule on normalised observations (None when it never terminates); built once."""
+        if self.custom_termination is not None:
+            return self.custom_termination
+        if not hasattr(self, "_termination"):
+            from sb3_uepo.common.offline.termination import termination_fn_for
+
+            rule = termination_fn_for(self.env_id, self.data.obs_mean, self.data.obs_std)
+            self._termination = None if getattr(rule, "never", False) else rule
+        return self._termination
+
+    # ------------------------------------------------------------------------------------------ checkpoints
+    def _path(self, name: str) -> Path:
+        assert self.checkpoint_dir is not None
+        return self.checkpoint_dir / name
+
+    def _load_progress(self) -> None:
+        if self.checkpoint_dir is None or not self.resume or not self._path("progress.json").is_file():
+            return
+        progress = json.loads(self._path("progress.json").read_text())
+        if progress.get("fingerprint") != self.fingerprint:
+            raise ValueError(
+                f"Checkpoint directory '{self.checkpoint_dir}' holds an offline run with a different config or dataset "
+                "(fingerprint mismatch). Resume only with the same config and data; otherwise use a new checkpoint "
+                "directory, delete this one, or pass resume=False to start over."
+            )
+        self.completed = [s for s in progress.get("completed", []) if s in STAGES]
+        self.reports = progress.get("reports", {})
+        self.seconds = progress.get("seconds", {})
+
+    def _save_stage(self, name: str, payload: dict[str, Any]) -> None:
+        self.completed.append(name)
+        if self.checkpoint_dir is None:
+            return
+        with atomic_path(self._path(f"stage_{name}.pt")) as tmp:
+            torch.save(payload, tmp)
+        self._write_progress()
+
+    def _write_progress(self) -> None:
+        if self.checkpoint_dir is None:
+            return
+        write_json(
+            self._path("progress.json"),
+            _jsonable(
+                dict(
+                    format=CHECKPOINT_FORMAT,
+                    fingerprint=self.fingerprint,
+                    completed=self.completed,
+                    reports=self.reports,
+                    seconds=self.seconds,
+                    config=self.config.to_dict(),
+                )
+            ),
+        )
+
+    def _load_stage(self, name: str) -> dict[str, Any]:
+        return torch.load(self._path(f"stage_{name}.pt"), map_location=self.device, weights_only=False)
+
+    # ------------------------------------------------------------------------------------------ run
+    def run(self) -> OfflineResult:
+        """Run (or resume) every stage and return the :class:`OfflineResult`."""
+        self._load_progress()
+        if self.checkpoint_dir is not None:
+            self.checkpoint_dir.mkdir(parents=True, exist_ok=True)
+        for name in STAGES:
+            if name in self.completed:
+                self.outputs[name] = self._restore(name)
+                continue
+            start = time.time()
+            with torch.random.fork_rng(devices=[]):  # every stage seeded on its own: resumed runs draw the same numbers
+                torch.manual_seed(self.config.seed + 1000 * (STAGES.index(name) + 1))
+                output, payload, report = getattr(self, f"_stage_{name}")()
+            self.seconds[name] = self.seconds.get(name, 0.0) + time.time() - start
+            report = dict(report, seconds=self.seconds[name])
+            self.reports[name] = _jsonable(report)
+            self.outputs[name] = output
+            self._save_stage(name, payload)
+            log_values(self.logger, f"offline/{name}", {"seconds": self.seconds[name]}, 0)
+        return self._result()
+
+    def _restore(self, name: str) -> Any:
+        payload = self._load_stage(name)
+        cfg, d = self.config, self.data
+        obs_dim, action_dim = d.obs.shape[1], d.actions.shape[1]
+        if name == "behavior":
+            if payload.get("skipped"):
+                return None
+            model = make_denoiser(action_dim, obs_dim, cfg).to(self.device)
+            model.load_state_dict(payload["state_dict"])
+            return model.eval().requires_grad_(False)
+        if name == "iql":
+            critics = IQLCritics.from_config(obs_dim, action_dim, cfg).to(self.device)
+            critics.load_state_dict(payload["state_dict"])
+            return critics.eval().requires_grad_(False)
+        if name == "dynamics":
+            if payload.get("skipped"):
+                return None
+            from sb3_uepo.common.offline.dynamics import DynamicsEnsemble
+
+            dynamics = DynamicsEnsemble(**payload["constructor_kwargs"]).to(self.device)
+            dynamics.load_state_dict(payload["state_dict"])
+            return dynamics.eval()
+        if name == "members":
+            return self._members_from(payload)
+        return payload  # offline_ppo: the improvement state
+
+    def _members_from(self, payload: dict[str, Any]) -> DiffusionMembers | GaussianMembers:
+        cfg, d = self.config, self.data
+        if cfg.policy_type == "diffusion":
+            template = make_denoiser(d.actions.shape[1], d.obs.shape[1], cfg).to(self.device)
+            return diffusion_members_from_state(template, make_sampler(cfg).to(self.device), payload, cfg.member_noise)
+        return gaussian_members_from_state(d.obs.shape[1], d.actions.shape[1], cfg, payload)
+
+    # ------------------------------------------------------------------------------------------ stages
+    def _stage_behavior(self) -> tuple[Any, dict[str, Any], dict[str, Any]]:
+        if self.config.policy_type != "diffusion":
+            return None, dict(skipped=True), dict(skipped="Gaussian members are cloned directly in the members stage")
+        model, report = fit_behavior_model(self.data.obs, self.data.actions, self.config, self.logger, self.progress)
+        return model, dict(state_dict=model.state_dict()), report
+
+    def _stage_iql(self) -> tuple[Any, dict[str, Any], dict[str, Any]]:
+        d = self.data
+        critics, report = fit_iql(
+            d.obs, d.actions, d.rewards, d.next_obs, d.terminals, self.config, self.logger, self.progress
+        )
+        return critics, dict(state_dict=critics.state_dict()), report
+
+    def _stage_dynamics(self) -> tuple[Any, dict[str, Any], dict[str, Any]]:
+        cfg, d = self.config, self.data
+        if not cfg.needs_dynamics:
+            return None, dict(skipped=True), dict(skipped="OPE uses mean Q and augmentation is off: no model needed")
+        from sb3_uepo.common.offline.dynamics import fit_dynamics
+
+        logger = _PrefixLogger(self.logger) if self.logger is not None else None
+        dyn_cfg = dataclasses.replace(cfg.dynamics, seed=cfg.seed + 5, device=str(self.device))
+        dynamics = fit_dynamics(d.obs, d.actions, d.rewards, d.next_obs, dyn_cfg, logger=logger, progress_bar=self.progress)
+        report: dict[str, Any] = dict(real_only=dict(dynamics.training_report))
+        if cfg.augment:
+            from sb3_uepo.common.offline.augmentation import synthesize_transitions
+
+            aug_cfg = dataclasses.replace(cfg.augmentation, seed=cfg.seed + 6, device=str(self.device))
+            synthetic, aug_report = synthesize_transitions(
+                d.obs,
+                d.actions,
+                d.rewards,
+                d.next_obs,
+                dynamics,
+                aug_cfg,
+                logger=logger,
+                progress_bar=self.progress,
+                episode_starts=d.episode_starts,
+                termination_fn=self.termination_fn(),
+            )
+            report["augmentation"] = aug_report
+            if int(synthetic[0].shape[0]) > 0:
+                dynamics = fit_dynamics(
+                    d.obs,
+                    d.actions,
+                    d.rewards,
+                    d.next_obs,
+                    dyn_cfg,
+                    synthetic=synthetic,
+                    logger=logger,
+                    progress_bar=self.progress,
+                    init=dynamics,
+                    log_prefix="dynamics_augmented",
+                )
+                report["augmented"] = dict(dynamics.training_report)
+            else:
+                report["augmented"] = "no synthetic transition passed the filter: the real-data model is kept"
+        payload = dict(state_dict=dynamics.state_dict(), constructor_kwargs=dynamics.constructor_kwargs())
+        return dynamics, payload, report
+
+    def _stage_members(self) -> tuple[Any, dict[str, Any], dict[str, Any]]:
+        cfg, d = self.config, self.data
+        if cfg.policy_type == "gaussian":
+            members, report = fit_gaussian_members(d.obs, d.actions, cfg, self.logger, self.progress)
+            return members, members.state(), report
+        behavior = self.outputs["behavior"]
+        members = make_diffusion_members(
+            behavior, make_sampler(cfg).to(self.device), cfg.n_members, cfg.seed + 10, cfg.member_noise
+        )
+        report: dict[str, Any] = dict(n_members=cfg.n_members, seed_noise=members.seed_noise.tolist())
+        if self.segment_sampler is not None and cfg.n_members > 1:
+            generator = torch.Generator().manual_seed(cfg.seed + 11)
+            idx = self.segment_sampler.sample(cfg.segment_batch_size, generator).to(self.device)
+            with torch.no_grad():
+                chains = members.sample_chains(d.obs[idx].reshape(-1, d.obs.shape[1]), deterministic=True)
+                actions = chains[:, :, -1].reshape(cfg.n_members, idx.shape[0], idx.shape[1], -1)
+                div = pairwise_divergence(actions)
+            report["initial_divergence"] = div.tolist()
+            off_diagonal = div[~torch.eye(cfg.n_members, dtype=torch.bool)]
+            report["initial_divergence_mean"] = float(off_diagonal.mean())
+            log_values(self.logger, "offline/members", dict(initial_divergence=report["initial_divergence_mean"]), 0)
+        return members, members.state(), report
+
+    def _ope_fn(self, n_members: int) -> Callable[[Callable[[torch.Tensor], torch.Tensor]], torch.Tensor]:
+        from sb3_uepo.common.offline.ope import offline_policy_evaluation
+
+        cfg, d = self.config, self.data
+        critics: IQLCritics = self.outputs["iql"]
+        dynamics = self.outputs["dynamics"]
+        generator = torch.Generator().manual_seed(cfg.seed + 7)
+        start_idx = torch.randint(0, d.obs.shape[0], (min(cfg.ope_n_starts, d.obs.shape[0]),), generator=generator)
+        start_obs = d.obs[start_idx.to(self.device)]
+        termination = self.termination_fn() if cfg.ope_score == "model_return" else None
+
+        def ope(policy_fn: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+            if cfg.ope_score == "mean_q":
+                return offline_policy_evaluation(
+                    None, policy_fn, start_obs, 0, cfg.gamma, score="mean_q", q_fn=critics.q_min, n_members=n_members
+                )  # type: ignore[return-value]
+            rollout_gen = torch.Generator(device=self.device).manual_seed(cfg.seed + 8)  # same draws at every evaluation
+            return offline_policy_evaluation(  # type: ignore[return-value]
+                dynamics,
+                policy_fn,
+                start_obs,
+                cfg.ope_horizon,
+                cfg.gamma,
+                value_fn=critics.value,
+                termination_fn=termination,
+                generator=rollout_gen,
+                n_members=n_members,
+            )
+
+        return ope
+
+    def _stage_offline_ppo(self) -> tuple[Any, dict[str, Any], dict[str, Any]]:
+        cfg, d = self.config, self.data
+        members = self.outputs["members"]
+        improvement = OfflinePolicyImprovement(
+            members,
+            self.outputs["iql"],
+            d.obs,
+            cfg,
+            behavior=self.outputs.get("behavior"),
+            segment_sampler=self.segment_sampler,
+            ope_fn=self._ope_fn(members.n_members),
+            logger=self.logger,
+        )
+        partial = self._path("stage_offline_ppo.partial.pt") if self.checkpoint_dir is not None else None
+        if partial is not None and self.resume and partial.is_file():
+            improvement.load_state_dict(torch.load(partial, map_location=self.device, weights_only=False))
+
+        def checkpoint(imp: OfflinePolicyImprovement) -> None:
+            if partial is not None:
+                with atomic_path(partial) as tmp:
+                    torch.save(imp.state_dict(), tmp)
+
+        improvement.run(self.progress, checkpoint_fn=checkpoint)
+        state = improvement.state_dict()
+        index, reason = improvement.best_member()
+        state.update(chosen_member=index, chosen_reason=reason)
+        report = dict(
+            steps=improvement.step_count,
+            chosen_member=index,
+            chosen_reason=reason,
+            initial_ope_scores=state["initial_scores"],
+            best_ope_scores=state["best_scores"],
+            replacements=improvement.replacements,
+            loss_curve=improvement.loss_curve,
+            perturbations=improvement.perturbations,
+            train_seconds=improvement.seconds,
+        )
+        if partial is not None and partial.exists():
+            partial.unlink()
+        return state, state, report
+
+    # ------------------------------------------------------------------------------------------ result
+    def _result(self) -> OfflineResult:
+        cfg, d = self.config, self.data
+        state = self.outputs["offline_ppo"]
+        members = self.outputs["members"]
+        index = int(state["chosen_member"])
+        policy_state = members.member_state_dict(index, state["old_params"])
+        seed_noise = None
+        if cfg.policy_type == "diffusion" and state["old_seed_noise"] is not None:
+            seed_noise = state["old_seed_noise"][index].detach().cpu().clone()
+        behavior = self.outputs.get("behavior")
+        obs_dim, action_dim = d.obs.shape[1], d.actions.shape[1]
+        if cfg.policy_type == "diffusion":
+            policy_kwargs: dict[str, Any] = dict(
+                action_dim=action_dim,
+                cond_dim=obs_dim,
+                hidden_sizes=list(cfg.denoiser_hidden_sizes),
+                time_embed_dim=cfg.time_embed_dim,
+            )
+        else:
+            policy_kwargs = dict(
+                obs_dim=obs_dim,
+                action_dim=action_dim,
+                hidden_sizes=list(cfg.gaussian_hidden_sizes),
+                activation=cfg.gaussian_activation,
+            )
+        architecture = dict(
+            policy=policy_kwargs,
+            sampler=dict(
+                n_train_steps=cfg.n_diffusion_steps,
+                n_sampling_steps=cfg.n_sampling_steps,
+                sampler=cfg.sampler,
+                min_std=cfg.min_std,
+                member_noise=cfg.member_noise,
+            ),
+            value=dict(net_arch=list(cfg.value_net_arch), activation=cfg.value_activation, gamma=cfg.gamma),
+        )
+
+        def to_list(x: Any) -> list[float] | None:
+            return None if x is None else [float(v) for v in x]
+
+        result = OfflineResult(
+            chosen_member=index,
+            chosen_reason=str(state["chosen_reason"]),
+            policy_type=cfg.policy_type,
+            policy_state_dict={k: v.detach().cpu().clone() for k, v in policy_state.items()},
+            seed_noise=seed_noise,
+            behavior_state_dict=(
+                None if behavior is None else {k: v.detach().cpu().clone() for k, v in behavior.state_dict().items()}
+            ),
+            value_state_dict={k: v.cpu() for k, v in self.outputs["iql"].value_state_dict().items()},
+            obs_mean=d.obs_mean,
+            obs_std=d.obs_std,
+            action_low=d.action_low,
+            action_high=d.action_high,
+            architecture=architecture,
+            initial_ope_scores=to_list(state["initial_scores"]),
+            best_ope_scores=to_list(state["best_scores"]),
+            ope_history=list(state["ope_history"]),
+            stage_reports=dict(self.reports),
+            config=_jsonable(cfg.to_dict()),
+            seconds=dict(self.seconds),
+        )
+        log_values(self.logger, "offline/select", dict(chosen_member=float(index)), 0)
+        return result
+
+
+def pretrain(
+    dataset: Any,
+    observation_space: spaces.Space,
+    action_space: spaces.Space,
+    config: OfflineConfig | str | None = None,
+    logger: Any = None,
+    checkpoint_dir: str | Path | None = None,
+    progress_bar: bool = True,
+    device: str | torch.device = "cpu",
+    **kwargs: Any,
+) -> OfflineResult:
+    """Run UEPO's offline phase on a dataset; never touches an environment.
+
+    :param dataset: an :class:`~sb3_uepo.common.datasets.container.OfflineDataset`
+    :param observation_space: the env's observation space (Box)
+    :param action_space: the env's action space (Box); its bounds define the [-1, 1] action scaling
+    :param config: :class:`OfflineConfig`, a preset name (``"quick"``, ``"quick+uni_o4"``, ...) or None (``"default"``)
+    :param logger: SB3 logger or None
+    :param checkpoint_dir: stage checkpoints for resuming; None keeps nothing on disk
+    :param progress_bar: a progress bar per stage
+    :param device: torch device
+    :param kwargs: ``env_id``, ``termination_fn``, ``resume`` (see :class:`OfflinePretrainer`)
+    :return: the chosen member and everything the online phase needs
+    """
+    return OfflinePretrainer(
+        dataset, observation_space, action_space, config, logger, checkpoint_dir, progress_bar, device, **kwargs
+    ).run()

@@ -1,0 +1,231 @@
+"""The offline phase end to end on tiny generated data: results, resume after an interruption, bad input."""
+
+import json
+
+import gymnasium as gym
+import numpy as np
+import pytest
+import torch
+from stable_baselines3.common.torch_layers import create_mlp
+from torch import nn
+
+from sb3_uepo.common.datasets.container import OfflineDataset
+from sb3_uepo.common.offline import pipeline as pipeline_module
+from sb3_uepo.common.offline.config import resolve_offline_config
+from sb3_uepo.common.offline.offline_ppo import OfflinePolicyImprovement
+from sb3_uepo.common.offline.pipeline import OfflinePretrainer, OfflineResult, pretrain
+
+pytestmark = pytest.mark.filterwarnings("ignore:No termination rule is known")
+
+OBS_SPACE = gym.spaces.Box(-np.inf, np.inf, (3,), np.float32)
+ACT_SPACE = gym.spaces.Box(np.array([-2.0, 0.0], np.float32), np.array([2.0, 1.0], np.float32))
+
+TINY = dict(
+    n_members=2,
+    n_diffusion_steps=6,
+    n_sampling_steps=3,
+    denoiser_hidden_sizes=(16, 16),
+    time_embed_dim=8,
+    behavior_steps=20,
+    iql_steps=20,
+    q_hidden_sizes=(16, 16),
+    value_net_arch=(16, 16),
+    gaussian_hidden_sizes=(16, 16),
+    gaussian_bc_steps=20,
+    ppo_steps=6,
+    ppo_batch_size=16,
+    ope_interval=3,
+    perturb_interval=3,
+    ope_horizon=4,
+    ope_n_starts=8,
+    segment_length=4,
+    segment_batch_size=4,
+    dynamics=dict(ensemble_size=3, n_elites=2, hidden_sizes=(16, 16), max_steps=20, eval_interval=10),
+    augmentation=dict(ratio=0.2, train_steps=10, hidden_sizes=(16, 16), reference_size=100, n_sampling_steps=4),
+)
+
+
+def tiny_dataset(n_episodes=8, length=25, seed=0, name="tiny"):
+    rng = np.random.default_rng(seed)
+    obs, next_obs, actions, rewards, starts, terminals, timeouts = [], [], [], [], [], [], []
+    for _ in range(n_episodes):
+        s = rng.normal(size=3)
+        for t in range(length):
+            a = np.clip(np.array([np.tanh(s[0]) * 1.5, 0.5 + 0.3 * np.tanh(s[1])]) + rng.normal(0, 0.2, 2), [-2, 0], [2, 1])
+            s2 = 0.9 * s + 0.1 * np.array([a[0], a[1], a[0] - a[1]]) + rng.normal(0, 0.05, 3)
+            obs.append(s), actions.append(a), next_obs.append(s2), rewards.append(1.0 - abs(s2[0]))
+            starts.append(t == 0), terminals.append(False), timeouts.append(t == length - 1)
+            s = s2
+    return OfflineDataset(
+        name=name,
+        observations=np.array(obs),
+        actions=np.array(actions),
+        rewards=np.array(rewards),
+        next_observations=np.array(next_obs),
+        terminals=np.array(terminals),
+        timeouts=np.array(timeouts),
+        episode_starts=np.array(starts),
+    )
+
+
+def tiny_config(preset="quick", **overrides):
+    return resolve_offline_config(preset, {**TINY, **overrides})
+
+
+def _run(dataset=None, config=None, **kwargs):
+    return pretrain(dataset or tiny_dataset(), OBS_SPACE, ACT_SPACE, config or tiny_config(), progress_bar=False, **kwargs)
+
+
+@pytest.fixture(autouse=True)
+def _no_env(monkeypatch):
+    """The offline phase must never build (let alone step) an environment."""
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("an environment was created during offline pretraining")
+
+    monkeypatch.setattr(gym, "make", forbidden)
+    monkeypatch.setattr(gym.Env, "step", forbidden)
+
+
+def test_pretrain_end_to_end(tmp_path):
+    result = _run(checkpoint_dir=tmp_path / "ckpt")
+    assert 0 <= result.chosen_member < 2 and "OPE" in result.chosen_reason
+    assert result.policy_type == "diffusion" and result.seed_noise.shape == (2,)
+    assert len(result.initial_ope_scores) == 2 and len(result.best_ope_scores) == 2
+    assert [h["step"] for h in result.ope_history] == [0, 3, 6]
+    assert set(result.stage_reports) == {"behavior", "iql", "dynamics", "members", "offline_ppo"}
+    assert "augmentation" in result.stage_reports["dynamics"]
+    # handoff: the policy, the behaviour model and V load into plain modules of the online layout
+    policy = result.build_policy()
+    assert policy.action_dim == 2 and result.build_behavior() is not None
+    value = nn.Sequential(*create_mlp(3, 1, [16, 16], nn.Tanh))
+    value.load_state_dict(result.value_state_dict)
+    sampler = result.build_sampler()
+    obs = torch.as_tensor(result.normalize_obs(np.zeros((4, 3))))
+    with torch.no_grad():
+        chain = sampler.sample_chain(policy, obs, x_init=result.seed_noise, deterministic=True)
+    env_action = result.unscale_action(chain[:, -1].numpy())
+    assert (env_action >= ACT_SPACE.low - 1e-6).all() and (env_action <= ACT_SPACE.high + 1e-6).all()
+    # the report is JSON and the result round-trips
+    json.dumps(result.to_report())
+    result.save(tmp_path / "result.pt")
+    loaded = OfflineResult.load(tmp_path / "result.pt")
+    assert loaded.chosen_member == result.chosen_member
+    assert torch.equal(loaded.policy_state_dict["net.0.weight"], result.policy_state_dict["net.0.weight"])
+    assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == [
+        "progress.json",
+        "stage_behavior.pt",
+        "stage_dynamics.pt",
+        "stage_iql.pt",
+        "stage_members.pt",
+        "stage_offline_ppo.pt",
+    ]
+
+
+def test_uni_o4_variant_runs_through_the_same_code():
+    result = _run(config=tiny_config("quick+uni_o4"))
+    assert result.policy_type == "gaussian" and result.seed_noise is None and result.behavior_state_dict is None
+    assert "skipped" in result.stage_reports["behavior"] and "skipped" in result.stage_reports["dynamics"]
+    assert "mean_q" in result.chosen_reason
+    actor = result.build_policy()
+    mean, log_std = actor(torch.zeros(1, 3))
+    assert mean.shape == (1, 2) and log_std.shape == (2,)
+
+
+def test_resume_after_an_interruption_redoes_no_completed_stage(tmp_path, monkeypatch):
+    reference = _run()
+    ckpt = tmp_path / "ckpt"
+
+    def crash(self):
+        raise RuntimeError("simulated crash in the members stage")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(OfflinePretrainer, "_stage_members", crash)
+        with pytest.raises(RuntimeError, match="simulated crash"):
+            _run(checkpoint_dir=ckpt)
+    progress = json.loads((ckpt / "progress.json").read_text())
+    assert progress["completed"] == ["behavior", "iql", "dynamics"]
+
+    def must_not_run(*args, **kwargs):
+        raise AssertionError("a completed stage was trained again")
+
+    monkeypatch.setattr(pipeline_module, "fit_behavior_model", must_not_run)
+    monkeypatch.setattr(pipeline_module, "fit_iql", must_not_run)
+    import sb3_uepo.common.offline.dynamics as dynamics_module
+
+    monkeypatch.setattr(dynamics_module, "fit_dynamics", must_not_run)
+    resumed = _run(checkpoint_dir=ckpt)
+    # nothing lost: the resumed run equals an uninterrupted one
+    assert resumed.chosen_member == reference.chosen_member
+    for key, value in reference.policy_state_dict.items():
+        assert torch.allclose(resumed.policy_state_dict[key], value, atol=1e-5), key
+    assert resumed.best_ope_scores == pytest.approx(reference.best_ope_scores, rel=1e-4)
+
+
+def test_resume_inside_offline_ppo(tmp_path, monkeypatch):
+    reference = _run()
+    ckpt = tmp_path / "ckpt"
+    original = OfflinePolicyImprovement.train_step
+
+    def crash_at_step_4(self):
+        if self.step_count == 4:
+            raise RuntimeError("simulated crash during offline PPO")
+        return original(self)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(OfflinePolicyImprovement, "train_step", crash_at_step_4)
+        with pytest.raises(RuntimeError, match="during offline PPO"):
+            _run(checkpoint_dir=ckpt)
+    partial = torch.load(ckpt / "stage_offline_ppo.partial.pt", weights_only=False)
+    assert partial["step_count"] == 3  # the checkpoint of the OPE at step 3
+
+    steps_run = []
+
+    def counting(self):
+        steps_run.append(self.step_count)
+        return original(self)
+
+    monkeypatch.setattr(OfflinePolicyImprovement, "train_step", counting)
+    resumed = _run(checkpoint_dir=ckpt)
+    assert steps_run == [3, 4, 5]
+    assert not (ckpt / "stage_offline_ppo.partial.pt").exists()
+    for key, value in reference.policy_state_dict.items():
+        assert torch.allclose(resumed.policy_state_dict[key], value, atol=1e-5), key
+
+
+def test_changed_config_in_the_same_checkpoint_dir_is_refused(tmp_path):
+    _run(config=tiny_config(ppo_steps=0), checkpoint_dir=tmp_path)
+    with pytest.raises(ValueError, match="different config or dataset"):
+        _run(config=tiny_config(ppo_steps=3), checkpoint_dir=tmp_path)
+    result = _run(config=tiny_config(ppo_steps=3), checkpoint_dir=tmp_path, resume=False)
+    assert result.ope_history[-1]["step"] == 3
+
+
+def test_dataset_too_small_for_the_segment_length():
+    with pytest.raises(ValueError, match=r"too small for the segment length T=8"):
+        _run(dataset=tiny_dataset(n_episodes=4, length=5), config=tiny_config(segment_length=8))
+
+
+def test_nan_rewards_are_a_clear_error():
+    dataset = tiny_dataset()
+    dataset.rewards[7] = np.nan
+    with pytest.raises(ValueError, match=r"field 'rewards' holds NaN.*first at index 7"):
+        _run(dataset=dataset)
+
+
+def test_mismatched_spaces_are_a_clear_error():
+    with pytest.raises(ValueError, match="'observations' has 3 values per step"):
+        pretrain(tiny_dataset(), gym.spaces.Box(-1, 1, (5,)), ACT_SPACE, tiny_config(), progress_bar=False)
+    with pytest.raises(ValueError, match="must be a gymnasium Box"):
+        pretrain(tiny_dataset(), OBS_SPACE, gym.spaces.Discrete(2), tiny_config(), progress_bar=False)
+
+
+def test_stages_log_to_the_sb3_logger(tmp_path):
+    from stable_baselines3.common.logger import configure
+
+    logger = configure(str(tmp_path / "log"), ["csv"])
+    _run(logger=logger)
+    header = (tmp_path / "log" / "progress.csv").read_text().splitlines()[0].split(",")
+    for key in ("offline/behavior/loss", "offline/iql/value_loss", "offline/offline_ppo/policy_loss", "offline/ope/score_0"):
+        assert key in header, key
+    assert any(k.startswith("offline/dynamics/") for k in header)
