@@ -9,4 +9,6 @@ install_mujoco_log_hook()  # MuJoCo warnings become Python warnings; no MUJOCO_L
 with open(os.path.join(os.path.dirname(__file__), "version.txt")) as _version_file:
     __version__ = _version_file.read().strip()
 
-__all__ = ["__version__"]
+from sb3_uepo.uepo import UEPO, DiffusionPolicy, MlpPolicy  # noqa: E402  (after the MuJoCo log hook)
+
+__all__ = ["UEPO", "DiffusionPolicy", "MlpPolicy", "__version__"]

@@ -73,6 +73,9 @@ class DiffusionPolicy(BasePolicy):
     :param min_std: floor of every denoising step's std (exploration noise and log-probabilities)
     :param noise_clip: clip of the standard-normal exploration noise of every step
     :param member_seed: seed of the member's fixed initial noise used for deterministic actions
+    :param initial_noise: where stochastic chains start: ``"random"`` (a fresh ``N(0, I)`` draw per chain) or
+        ``"seed"`` (the member's fixed initial noise, exploring only through the per-step noise, as the offline members
+        with ``member_noise="seed"`` were trained; set by ``UEPO.pretrain``)
     :param value_lr_scale: the value network's learning rate is ``value_lr_scale`` times the policy's
         (Uni-O4 online: critic 2e-4 vs actor 2e-5, i.e. 10); UEPO applies it at every learning-rate update
     :param use_sde: not supported (must stay False); accepted because SB3's on-policy algorithms pass it
@@ -101,6 +104,7 @@ class DiffusionPolicy(BasePolicy):
         min_std: float = 0.1,
         noise_clip: float = 3.0,
         member_seed: int = 0,
+        initial_noise: str = "random",
         value_lr_scale: float = 1.0,
         use_sde: bool = False,
         normalize_images: bool = True,
@@ -116,6 +120,8 @@ class DiffusionPolicy(BasePolicy):
                 f"DiffusionPolicy needs a flat (1-D Box) observation space, got {observation_space}; "
                 "flatten it (e.g. gymnasium.wrappers.FlattenObservation)"
             )
+        if initial_noise not in ("random", "seed"):
+            raise ValueError(f"initial_noise must be 'random' or 'seed', got {initial_noise!r}")
         if optimizer_kwargs is None:
             optimizer_kwargs = {"eps": 1e-5} if optimizer_class == th.optim.Adam else {}
         super().__init__(
@@ -138,6 +144,7 @@ class DiffusionPolicy(BasePolicy):
         self.min_std = min_std
         self.noise_clip = noise_clip
         self.member_seed = member_seed
+        self.initial_noise = initial_noise
         self.value_lr_scale = value_lr_scale
         self.use_sde = use_sde
 
@@ -178,6 +185,7 @@ class DiffusionPolicy(BasePolicy):
                 min_std=self.min_std,
                 noise_clip=self.noise_clip,
                 member_seed=self.member_seed,
+                initial_noise=self.initial_noise,
                 value_lr_scale=self.value_lr_scale,
                 lr_schedule=self._dummy_schedule,  # not needed to load the policy alone
                 optimizer_class=self.optimizer_class,
@@ -248,7 +256,7 @@ class DiffusionPolicy(BasePolicy):
         :return: (B, S + 1, A) unclipped chains
         """
         cond = self.normalize_observation(obs)
-        x_init = self.deterministic_noise if deterministic else None
+        x_init = self.deterministic_noise if deterministic or self.initial_noise == "seed" else None
         return self.sampler.sample_chain(self.denoiser, cond, x_init=x_init, deterministic=deterministic)
 
     def sample_chain_with_values(self, obs: th.Tensor, deterministic: bool = False) -> ChainSample:
@@ -259,7 +267,7 @@ class DiffusionPolicy(BasePolicy):
         :return: :class:`~sb3_uepo.common.type_aliases.ChainSample`
         """
         cond = self.normalize_observation(obs)
-        x_init = self.deterministic_noise if deterministic else None
+        x_init = self.deterministic_noise if deterministic or self.initial_noise == "seed" else None
         # log-densities from the drawn noise: no second denoiser pass (equal to sampler.chain_log_prob up to rounding)
         chain, step_log_prob = self.sampler.sample_chain_with_log_prob(
             self.denoiser, cond, x_init=x_init, deterministic=deterministic

@@ -1,13 +1,72 @@
 """Policy aliases of :class:`~sb3_uepo.uepo.UEPO` (as ``stable_baselines3/ppo/policies.py``).
 
-``DiffusionPolicy``: the denoising-chain actor-critic (UEPO). ``MlpPolicy``: SB3's Gaussian ``ActorCriticPolicy``,
-for the Uni-O4 baseline (``preset="uni_o4"``).
+``DiffusionPolicy``: the denoising-chain actor-critic (UEPO). ``MlpPolicy``: SB3's Gaussian ``ActorCriticPolicy`` with
+a fixed observation normalisation (identity until set), for the Uni-O4 baseline (``preset="uni_o4"``): the offline
+Gaussian members are trained on normalised observations, and the normalisation must travel with the policy.
 """
 
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch as th
+from stable_baselines3.common.distributions import Distribution
 from stable_baselines3.common.policies import ActorCriticPolicy
+from stable_baselines3.common.preprocessing import get_flattened_obs_dim
+from stable_baselines3.common.torch_layers import BaseFeaturesExtractor
+from stable_baselines3.common.type_aliases import PyTorchObs
 
 from sb3_uepo.common.policies import DiffusionPolicy
 
-MlpPolicy = ActorCriticPolicy
+
+class MlpPolicy(ActorCriticPolicy):
+    """SB3's ``ActorCriticPolicy`` (same arguments) that first normalises observations as ``(s - mean) / std`` with
+    FIXED statistics: registered buffers, saved with the model, identity until :meth:`set_observation_statistics`."""
+
+    obs_mean: th.Tensor
+    obs_std: th.Tensor
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        obs_dim = get_flattened_obs_dim(self.observation_space)
+        self.register_buffer("obs_mean", th.zeros(obs_dim))
+        self.register_buffer("obs_std", th.ones(obs_dim))
+
+    def set_observation_statistics(self, mean: np.ndarray | th.Tensor, std: np.ndarray | th.Tensor) -> None:
+        """Fix the observation normalisation (e.g. to the offline dataset's statistics).
+
+        :param mean: (O,) per-dimension mean
+        :param std: (O,) per-dimension std, floored at 1e-6
+        """
+        mean_t = th.as_tensor(mean, dtype=th.float32).reshape(-1)
+        std_t = th.as_tensor(std, dtype=th.float32).reshape(-1)
+        if mean_t.shape != self.obs_mean.shape or std_t.shape != self.obs_std.shape:
+            raise ValueError(
+                f"observation statistics must have shape {tuple(self.obs_mean.shape)}, got {mean_t.shape} and {std_t.shape}"
+            )
+        if not (th.isfinite(mean_t).all() and th.isfinite(std_t).all()):
+            raise ValueError("observation statistics must be finite")
+        self.obs_mean.copy_(mean_t)
+        self.obs_std.copy_(std_t.clamp(min=1e-6))
+
+    def normalize_obs(self, obs: PyTorchObs) -> th.Tensor:
+        """``(obs - mean) / std`` with the fixed statistics."""
+        assert isinstance(obs, th.Tensor), "MlpPolicy takes flat Box observations"
+        return (obs.float() - self.obs_mean) / self.obs_std
+
+    # forward() and evaluate_actions() go through extract_features(); get_distribution() and predict_values() call
+    # BaseModel.extract_features directly (SB3 2.x), so each path normalises exactly once.
+    def extract_features(  # type: ignore[override]
+        self, obs: PyTorchObs, features_extractor: BaseFeaturesExtractor | None = None
+    ) -> th.Tensor | tuple[th.Tensor, th.Tensor]:
+        return super().extract_features(self.normalize_obs(obs), features_extractor)
+
+    def get_distribution(self, obs: PyTorchObs) -> Distribution:
+        return super().get_distribution(self.normalize_obs(obs))
+
+    def predict_values(self, obs: PyTorchObs) -> th.Tensor:
+        return super().predict_values(self.normalize_obs(obs))
+
 
 __all__ = ["DiffusionPolicy", "MlpPolicy"]

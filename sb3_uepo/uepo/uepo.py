@@ -36,11 +36,13 @@ import torch as th
 from gymnasium import spaces
 from stable_baselines3.common.buffers import RolloutBuffer
 from stable_baselines3.common.callbacks import BaseCallback
+from stable_baselines3.common.logger import Logger, make_output_format
 from stable_baselines3.common.on_policy_algorithm import OnPolicyAlgorithm
 from stable_baselines3.common.policies import ActorCriticPolicy, BasePolicy
 from stable_baselines3.common.type_aliases import GymEnv, MaybeCallback, Schedule
-from stable_baselines3.common.utils import FloatSchedule, explained_variance, obs_as_tensor
+from stable_baselines3.common.utils import FloatSchedule, explained_variance, get_latest_run_id, obs_as_tensor
 from stable_baselines3.common.vec_env import VecEnv
+from torch import nn
 from torch.nn import functional as F
 
 from sb3_uepo.common.buffers import DiffusionRolloutBuffer
@@ -80,7 +82,11 @@ class UEPO(OnPolicyAlgorithm):
     :param dataset: offline dataset (id, path or :class:`~sb3_uepo.common.datasets.container.OfflineDataset`) for
         the offline stages; None learns online from scratch
     :param preset: name of the offline budget/ablation preset (e.g. ``"quick"``, ``"uni_o4"``)
-    :param offline_kwargs: overrides of the offline preset's settings
+    :param offline_kwargs: overrides of the offline preset's settings (fields of
+        :class:`~sb3_uepo.common.offline.config.OfflineConfig`, e.g. ``{"n_members": 2, "ppo_steps": 500}``); the
+        architecture fields follow the policy (``policy_kwargs`` wins; where it is silent, the offline settings fill it)
+    :param pretrain_dir: directory of the offline stage checkpoints (``progress.json``, ``stage_<name>.pt``): an
+        interrupted pretraining resumes from its last completed stage; None keeps nothing on disk
     :param use_sde: gSDE exploration (``MlpPolicy`` only)
     :param sde_sample_freq: gSDE noise resampling frequency
     :param rollout_buffer_class: rollout buffer class; None picks :class:`DiffusionRolloutBuffer` for a
@@ -128,6 +134,7 @@ class UEPO(OnPolicyAlgorithm):
         dataset: Any = None,
         preset: str | None = None,
         offline_kwargs: dict[str, Any] | None = None,
+        pretrain_dir: str | None = None,
         use_sde: bool = False,
         sde_sample_freq: int = -1,
         rollout_buffer_class: type[RolloutBuffer] | None = None,
@@ -201,7 +208,13 @@ class UEPO(OnPolicyAlgorithm):
         self.dataset = dataset
         self.preset = preset
         self.offline_kwargs = offline_kwargs
+        self.pretrain_dir = pretrain_dir
         self.pretrained = False  # set by pretrain() once the offline stages have run
+        self.offline_report: dict[str, Any] | None = None  # pretrain()'s report, saved with the model
+        if dataset is not None:
+            # Fail at construction on a bad preset / offline key, and let the offline settings fill the policy
+            # architecture where policy_kwargs is silent (so that the offline networks load into the policy).
+            self._fill_policy_kwargs_from_offline_config()
         self.reference_policy = None
         self._reference_policy_set = False  # set_reference_policy() was called: keep a reference even if kl_ref_coef == 0
         self._n_train_rounds = 0  # calls of train(), i.e. rollouts learned from (value warm-up, KL decay)
@@ -276,24 +289,210 @@ class UEPO(OnPolicyAlgorithm):
                 group["lr"] = learning_rate * group.get("lr_scale", 1.0)
 
     # ------------------------------------------------------------------------------------------ offline seam
-    def pretrain(self) -> Any:
+    def pretrain(self, progress_bar: bool = False) -> dict[str, Any]:
         """Run the offline stages (DESIGN 1-6) on ``self.dataset`` and hand the chosen policy to online learning.
 
-        Contract for the implementation (issue 4): build the offline models from ``self.dataset``, ``self.preset``
-        and ``self.offline_kwargs``; put the chosen member and the offline value into the policy with
-        :meth:`load_offline_policy` (which also fixes the observation statistics and the KL reference); set
-        ``self.pretrained = True``; return a report. :meth:`learn` calls it once, through :meth:`_maybe_pretrain`.
+        Never touches the environment: the member handed on is chosen by offline policy evaluation alone. The chosen
+        member's weights (and its seed noise) go into the policy, the IQL value into the value network, the dataset's
+        observation statistics become the policy's fixed normalisation, and (``kl_ref_coef > 0``) the resulting policy
+        is frozen as the KL reference. :meth:`learn` calls this once when a dataset was given; a loaded pretrained
+        model skips it. With ``pretrain_dir``, an interrupted run resumes from its last completed stage.
 
-        :return: a report of the offline stages
+        :param progress_bar: one progress bar per stage
+        :return: the report: per-stage losses and times, OPE scores per member, the chosen member and why
         """
         if self.dataset is None:
             raise ValueError("pretrain() needs a dataset: UEPO(..., dataset=...)")
-        raise NotImplementedError("offline pretraining lands with issue 4")
+        if self.pretrained:
+            warnings.warn("pretrain(): this model is already pretrained; returning the stored report")
+            return dict(self.offline_report or {})
+        from sb3_uepo.common.offline.pipeline import OfflinePretrainer
 
-    def _maybe_pretrain(self) -> None:
+        dataset = self._resolve_dataset()
+        config = self._offline_config()
+        if not isinstance(self.policy, DiffusionPolicy):
+            self._check_gaussian_action_bounds()
+        pretrainer = OfflinePretrainer(
+            dataset,
+            self.observation_space,
+            self.action_space,
+            config,
+            logger=self._offline_logger(),
+            checkpoint_dir=self.pretrain_dir,
+            progress_bar=progress_bar,
+            device=self.device,
+            env_id=getattr(dataset, "env_id", None) or self._env_id(),
+        )
+        result = pretrainer.run()
+        self._load_offline_result(result)
+        self.offline_report = result.to_report()
+        self.pretrained = True
+        return dict(self.offline_report)
+
+    def _offline_logger(self) -> Logger:
+        """The logger of the offline stages: the user's (``set_logger``), else TensorBoard under ``tensorboard_log``
+        (run ``UEPO_offline_<i>``) and stdout tables only with ``verbose >= 2`` (progress bars report progress)."""
+        if getattr(self, "_custom_logger", False):
+            return self._logger
+        output_formats = [make_output_format("stdout", "")] if self.verbose >= 2 else []
+        folder = None
+        if self.tensorboard_log is not None:
+            folder = os.path.join(
+                self.tensorboard_log, f"UEPO_offline_{get_latest_run_id(self.tensorboard_log, 'UEPO_offline') + 1}"
+            )
+            output_formats.append(make_output_format("tensorboard", folder))
+        return Logger(folder, output_formats)
+
+    def _maybe_pretrain(self, progress_bar: bool = False) -> None:
         """Called at the start of :meth:`learn`: run :meth:`pretrain` once when a dataset was given."""
         if self.dataset is not None and not self.pretrained:
-            self.pretrain()
+            self.pretrain(progress_bar=progress_bar)
+
+    def _resolve_dataset(self) -> Any:
+        from sb3_uepo.common.datasets import load_dataset
+
+        if isinstance(self.dataset, (str, os.PathLike)):
+            return load_dataset(self.dataset)
+        return self.dataset
+
+    def _env_id(self) -> str | None:
+        if self.env is None:
+            return None
+        spec = self.env.get_attr("spec", [0])[0]
+        return getattr(spec, "id", None)
+
+    def _offline_config(self) -> Any:
+        """The offline settings: preset + ``offline_kwargs``, with the architecture, seed and gamma of this model."""
+        from sb3_uepo.common.offline.config import resolve_offline_config
+
+        user = dict(self.offline_kwargs or {})
+        config = resolve_offline_config(self.preset or "default", user)
+        policy_name = type(self.policy).__name__
+        if isinstance(self.policy, DiffusionPolicy):
+            if config.policy_type != "diffusion":
+                raise ValueError(
+                    f"preset {self.preset!r} pretrains Gaussian members (the Uni-O4 baseline): use UEPO('MlpPolicy', ...), "
+                    "or drop 'uni_o4' from the preset to pretrain the DiffusionPolicy"
+                )
+            if self.policy.activation_fn is not nn.Mish:
+                raise ValueError(
+                    "the offline denoiser uses Mish activations: pretraining needs the DiffusionPolicy's default "
+                    f"activation_fn=nn.Mish, got {self.policy.activation_fn.__name__}"
+                )
+            arch: dict[str, Any] = dict(
+                denoiser_hidden_sizes=tuple(self.policy.net_arch),
+                time_embed_dim=self.policy.time_embed_dim,
+                n_diffusion_steps=self.policy.n_train_steps,
+                n_sampling_steps=self.policy.n_sampling_steps,
+                sampler=self.policy.sampler_name,
+                min_std=self.policy.min_std,
+                value_net_arch=tuple(self.policy.value_net_arch),
+                value_activation=_activation_name(self.policy.value_activation_fn),
+            )
+        else:
+            if config.policy_type != "gaussian":
+                raise ValueError(
+                    f"UEPO('{policy_name}') pretrains Gaussian members, which the preset {self.preset!r} does not: "
+                    f"use preset='{(self.preset or 'default').split('+')[0]}+uni_o4' (the Uni-O4 baseline), "
+                    "or policy='DiffusionPolicy'"
+                )
+            pi_arch, vf_arch = _gaussian_net_arch(self.policy)  # type: ignore[arg-type]
+            activation = _activation_name(self.policy.activation_fn)  # type: ignore[union-attr]
+            arch = dict(
+                gaussian_hidden_sizes=tuple(pi_arch),
+                gaussian_activation=activation,
+                value_net_arch=tuple(vf_arch),
+                value_activation=activation,
+            )
+        conflicts = [
+            f"{key}={user[key]!r} (policy: {value!r})"
+            for key, value in arch.items()
+            if key in user and (tuple(user[key]) if isinstance(user[key], list) else user[key]) != value
+        ]
+        if conflicts:
+            raise ValueError(
+                f"offline_kwargs set an architecture different from the {policy_name}'s: {', '.join(conflicts)}. "
+                "The offline networks are loaded into the policy, so they must match: set the architecture in "
+                "policy_kwargs only (or the same value in both)."
+            )
+        if "seed" not in user and self.seed is not None:
+            arch["seed"] = int(self.seed)
+        if "gamma" not in user:
+            arch["gamma"] = float(self.gamma)
+        return resolve_offline_config(config, arch)
+
+    def _fill_policy_kwargs_from_offline_config(self) -> None:
+        """Where ``policy_kwargs`` is silent, take the policy architecture from the offline settings."""
+        from sb3_uepo.common.offline.config import activation_class, resolve_offline_config
+
+        config = resolve_offline_config(self.preset or "default", self.offline_kwargs)
+        kwargs = self.policy_kwargs
+        if issubclass(self.policy_class, DiffusionPolicy):
+            defaults: dict[str, Any] = dict(
+                net_arch=list(config.denoiser_hidden_sizes),
+                time_embed_dim=config.time_embed_dim,
+                n_train_steps=config.n_diffusion_steps,
+                n_sampling_steps=config.n_sampling_steps,
+                sampler=config.sampler,
+                min_std=config.min_std,
+                value_activation_fn=activation_class(config.value_activation),
+            )
+            if not (isinstance(kwargs.get("net_arch"), dict) and "vf" in kwargs["net_arch"]):
+                defaults["value_net_arch"] = list(config.value_net_arch)
+        elif issubclass(self.policy_class, ActorCriticPolicy):
+            defaults = dict(
+                net_arch=dict(pi=list(config.gaussian_hidden_sizes), vf=list(config.value_net_arch)),
+                activation_fn=activation_class(config.gaussian_activation),
+            )
+        else:
+            return
+        for key, value in defaults.items():
+            kwargs.setdefault(key, value)
+
+    def _check_gaussian_action_bounds(self) -> None:
+        low, high = self.action_space.low, self.action_space.high  # type: ignore[union-attr]
+        if not (np.allclose(low, -1.0) and np.allclose(high, 1.0)):
+            raise ValueError(
+                "the Gaussian MlpPolicy acts in env units while the offline members act in [-1, 1]: pretraining it needs "
+                f"an action space of [-1, 1] (got low={low}, high={high}); wrap the env in "
+                "gymnasium.wrappers.RescaleAction(env, -1.0, 1.0), or use the DiffusionPolicy (it rescales itself)"
+            )
+
+    def _load_offline_result(self, result: Any) -> None:
+        """Hand the offline result (:class:`~sb3_uepo.common.offline.pipeline.OfflineResult`) to the policy."""
+        if isinstance(self.policy, DiffusionPolicy):
+            self.load_offline_policy(
+                denoiser_state=result.policy_state_dict,
+                value_state=result.value_state_dict,
+                obs_mean=result.obs_mean,
+                obs_std=result.obs_std,
+                set_reference=False,
+            )
+            if result.seed_noise is not None:
+                self.policy.set_deterministic_noise(result.seed_noise)
+            self.policy.initial_noise = "seed" if result.architecture["sampler"].get("member_noise") == "seed" else "random"
+        else:
+            policy = self.policy
+            policy.set_observation_statistics(result.obs_mean, result.obs_std)  # type: ignore[union-attr]
+            actor = result.policy_state_dict
+            policy.mlp_extractor.policy_net.load_state_dict(  # type: ignore[union-attr]
+                {k.removeprefix("policy_net."): v for k, v in actor.items() if k.startswith("policy_net.")}
+            )
+            policy.action_net.load_state_dict(  # type: ignore[union-attr]
+                {k.removeprefix("action_net."): v for k, v in actor.items() if k.startswith("action_net.")}
+            )
+            with th.no_grad():
+                policy.log_std.copy_(actor["log_std"])  # type: ignore[union-attr, operator]
+            value = result.value_state_dict
+            last = max(int(k.split(".")[0]) for k in value)
+            policy.mlp_extractor.value_net.load_state_dict(  # type: ignore[union-attr]
+                {k: v for k, v in value.items() if int(k.split(".")[0]) != last}
+            )
+            policy.value_net.load_state_dict(  # type: ignore[union-attr]
+                {k.split(".", 1)[1]: v for k, v in value.items() if int(k.split(".")[0]) == last}
+            )
+        if self.kl_ref_coef > 0.0:
+            self.set_reference_policy()
 
     def load_offline_policy(
         self,
@@ -581,7 +780,7 @@ class UEPO(OnPolicyAlgorithm):
         reset_num_timesteps: bool = True,
         progress_bar: bool = False,
     ) -> SelfUEPO:
-        self._maybe_pretrain()
+        self._maybe_pretrain(progress_bar=progress_bar)
         self._warn_if_observations_normalised_twice()
         return super().learn(
             total_timesteps=total_timesteps,
@@ -655,3 +854,24 @@ def _spaces_error(error: ValueError, what: str) -> ValueError:
         f"{what}: the model was trained on different spaces ({error}). Use the environment the model was trained on "
         "(same observation and action spaces), or load with env=None for prediction only."
     )
+
+
+_ACTIVATION_NAMES = {nn.Tanh: "tanh", nn.ReLU: "relu", nn.Mish: "mish", nn.SiLU: "silu", nn.ELU: "elu"}
+
+
+def _activation_name(activation_fn: type[nn.Module]) -> str:
+    try:
+        return _ACTIVATION_NAMES[activation_fn]
+    except KeyError:
+        raise ValueError(
+            f"pretraining supports the activations {', '.join(c.__name__ for c in _ACTIVATION_NAMES)}, "
+            f"got {activation_fn.__name__}"
+        ) from None
+
+
+def _gaussian_net_arch(policy: ActorCriticPolicy) -> tuple[list[int], list[int]]:
+    """(actor widths, value widths) of an ``ActorCriticPolicy``'s ``net_arch`` (a list is shared by both)."""
+    net_arch = policy.net_arch
+    if isinstance(net_arch, dict):
+        return list(net_arch.get("pi", [])), list(net_arch.get("vf", []))
+    return list(net_arch), list(net_arch)

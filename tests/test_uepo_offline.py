@@ -1,0 +1,262 @@
+"""UEPO(..., dataset=...): pretrain() runs the offline stages without the env and hands the chosen member over."""
+
+import json
+
+import gymnasium as gym
+import numpy as np
+import pytest
+import torch as th
+from gymnasium.wrappers import RescaleAction
+from stable_baselines3.common.env_util import make_vec_env
+
+from sb3_uepo import UEPO
+from sb3_uepo.common.datasets.container import OfflineDataset
+from sb3_uepo.common.offline.pipeline import pretrain as pipeline_pretrain
+
+pytestmark = pytest.mark.filterwarnings("ignore:No termination rule is known")
+
+# tiny budgets of every offline stage (see tests/test_offline_pipeline.py); architectures come from policy_kwargs
+TINY_OFFLINE = dict(
+    n_members=2,
+    behavior_steps=20,
+    iql_steps=20,
+    q_hidden_sizes=(16, 16),
+    gaussian_bc_steps=20,
+    ppo_steps=6,
+    ppo_batch_size=16,
+    ope_interval=3,
+    perturb_interval=3,
+    ope_horizon=4,
+    ope_n_starts=8,
+    segment_length=4,
+    segment_batch_size=4,
+    dynamics=dict(ensemble_size=3, n_elites=2, hidden_sizes=(16, 16), max_steps=20, eval_interval=10),
+    augmentation=dict(ratio=0.2, train_steps=10, hidden_sizes=(16, 16), reference_size=100, n_sampling_steps=4),
+)
+DIFFUSION_KWARGS = dict(net_arch=[16, 16], value_net_arch=[16, 16], time_embed_dim=8, n_train_steps=6, n_sampling_steps=3)
+MLP_KWARGS = dict(net_arch=dict(pi=[16, 16], vf=[16, 16]))
+
+
+def pendulum_dataset(n_episodes=6, length=30, seed=0, action_scale=1.0, name="pendulum-tiny"):
+    """Pendulum-v1 transitions of a noisy energy-pumping controller; actions divided by ``action_scale``."""
+    env = gym.make("Pendulum-v1")
+    rng = np.random.default_rng(seed)
+    fields = {k: [] for k in ("obs", "actions", "rewards", "next_obs", "terminals", "timeouts", "starts")}
+    for episode in range(n_episodes):
+        obs, _ = env.reset(seed=seed + episode)
+        for t in range(length):
+            action = np.clip([2.0 * np.sign(obs[2]) + rng.normal(0, 0.5)], -2.0, 2.0).astype(np.float32)
+            next_obs, reward, terminated, _, _ = env.step(action)
+            for key, value in zip(
+                fields, (obs, action / action_scale, reward, next_obs, terminated, t == length - 1, t == 0), strict=True
+            ):
+                fields[key].append(value)
+            obs = next_obs
+    env.close()
+    return OfflineDataset(
+        name=name,
+        observations=np.array(fields["obs"]),
+        actions=np.array(fields["actions"]),
+        rewards=np.array(fields["rewards"], dtype=np.float64),
+        next_observations=np.array(fields["next_obs"]),
+        terminals=np.array(fields["terminals"]),
+        timeouts=np.array(fields["timeouts"]),
+        episode_starts=np.array(fields["starts"]),
+    )
+
+
+class StepCounter(gym.Wrapper):
+    steps = 0
+
+    def step(self, action):
+        StepCounter.steps += 1
+        return super().step(action)
+
+
+def diffusion_model(dataset=None, **kwargs):
+    params = dict(
+        dataset=pendulum_dataset() if dataset is None else dataset,
+        preset="quick",
+        offline_kwargs=dict(TINY_OFFLINE),
+        policy_kwargs=dict(DIFFUSION_KWARGS),
+        n_steps=32,
+        batch_size=32,
+        n_epochs=1,
+        seed=3,
+    )
+    params.update(kwargs)
+    return UEPO("DiffusionPolicy", params.pop("env", "Pendulum-v1"), **params)
+
+
+def test_pretrain_never_steps_env_and_hands_over_the_offline_result():
+    StepCounter.steps = 0
+    env = make_vec_env("Pendulum-v1", n_envs=1, wrapper_class=StepCounter)
+    dataset = pendulum_dataset()
+    model = diffusion_model(dataset, env=env)
+    report = model.pretrain()
+    assert StepCounter.steps == 0, "pretrain() must choose the member by OPE, never by stepping the env"
+    assert model.pretrained and report["chosen_member"] in (0, 1) and "OPE" in report["chosen_reason"]
+    json.dumps(report)  # the report is plain JSON
+
+    # the same config through the pipeline alone gives the same networks (seeded, deterministic)
+    result = pipeline_pretrain(
+        dataset, model.observation_space, model.action_space, model._offline_config(), progress_bar=False
+    )
+    policy = model.policy
+    for key, value in result.policy_state_dict.items():
+        assert th.allclose(policy.denoiser.state_dict()[key], value), key
+    for key, value in result.value_state_dict.items():
+        assert th.allclose(policy.value_net.state_dict()[key], value), key
+    np.testing.assert_allclose(policy.obs_mean.numpy(), result.obs_mean, rtol=1e-6)
+    np.testing.assert_allclose(policy.obs_std.numpy(), result.obs_std, rtol=1e-6)
+    assert th.allclose(policy.deterministic_noise, result.seed_noise)
+    assert policy.initial_noise == "seed"
+
+    # online fine-tuning starts from it: no second pretraining, the env is stepped now
+    model.learn(64)
+    assert StepCounter.steps == 64 and model.num_timesteps == 64
+
+
+def test_learn_pretrains_once_and_save_load_keeps_it(tmp_path):
+    model = diffusion_model(kl_ref_coef=0.1)
+    model.learn(32)
+    assert model.pretrained and model.reference_policy is not None
+    observations = np.random.default_rng(0).normal(size=(5, 3)).astype(np.float32)
+    actions, _ = model.predict(observations, deterministic=True)
+    model.save(tmp_path / "model.zip")
+
+    loaded = UEPO.load(tmp_path / "model.zip", env=make_vec_env("Pendulum-v1", n_envs=1))
+    assert loaded.pretrained and loaded.offline_report == model.offline_report
+    np.testing.assert_allclose(loaded.predict(observations, deterministic=True)[0], actions, rtol=1e-5, atol=1e-6)
+    assert th.allclose(loaded.policy.obs_mean, model.policy.obs_mean)
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("a loaded pretrained model must not pretrain again")
+
+    loaded.pretrain = forbidden  # type: ignore[method-assign]
+    loaded.learn(32, reset_num_timesteps=False)
+    assert loaded.num_timesteps == 64
+
+
+def test_pretrain_dir_writes_resumable_checkpoints(tmp_path):
+    model = diffusion_model(pretrain_dir=str(tmp_path / "offline"))
+    model.pretrain()
+    progress = json.loads((tmp_path / "offline" / "progress.json").read_text())
+    assert {"behavior", "iql", "members", "offline_ppo"} <= set(progress["completed"])
+    # a second model with the same settings resumes every stage from disk and ends with the same policy
+    again = diffusion_model(pretrain_dir=str(tmp_path / "offline"))
+    again.pretrain()
+    for key, value in model.policy.state_dict().items():
+        assert th.allclose(again.policy.state_dict()[key], value), key
+
+
+def test_uni_o4_preset_with_gaussian_mlp_policy():
+    env = make_vec_env(
+        "Pendulum-v1",
+        n_envs=1,
+        wrapper_class=RescaleAction,
+        wrapper_kwargs=dict(min_action=np.float32(-1.0), max_action=np.float32(1.0)),
+    )
+    dataset = pendulum_dataset(action_scale=2.0)  # the dataset of the rescaled env
+    model = UEPO(
+        "MlpPolicy",
+        env,
+        dataset=dataset,
+        preset="quick+uni_o4",
+        offline_kwargs=dict(TINY_OFFLINE),
+        policy_kwargs=dict(MLP_KWARGS),
+        n_steps=32,
+        batch_size=32,
+        n_epochs=1,
+        seed=0,
+    )
+    report = model.pretrain()
+    assert report["policy_type"] == "gaussian"
+    result = pipeline_pretrain(
+        dataset, model.observation_space, model.action_space, model._offline_config(), progress_bar=False
+    )
+    actor = result.build_policy()
+    observations = np.random.default_rng(1).normal(size=(4, 3)).astype(np.float32)
+    with th.no_grad():
+        expected_mean, _ = actor(th.as_tensor(result.normalize_obs(observations)))
+        distribution = model.policy.get_distribution(model.policy.obs_to_tensor(observations)[0])
+    np.testing.assert_allclose(distribution.distribution.mean.numpy(), expected_mean.numpy(), rtol=1e-5, atol=1e-6)
+    with th.no_grad():
+        values = model.policy.predict_values(model.policy.obs_to_tensor(observations)[0]).flatten()
+        expected_values = result.build_value_net()(th.as_tensor(result.normalize_obs(observations))).flatten()
+    np.testing.assert_allclose(values.numpy(), expected_values.numpy(), rtol=1e-5, atol=1e-6)
+    model.learn(32)
+
+
+# ---------------------------------------------------------------------------------------------- bad input
+def test_diffusion_policy_with_uni_o4_preset_is_refused():
+    model = diffusion_model(preset="quick+uni_o4")
+    with pytest.raises(ValueError, match="MlpPolicy"):
+        model.pretrain()
+
+
+def test_mlp_policy_without_uni_o4_is_refused():
+    model = UEPO("MlpPolicy", "Pendulum-v1", dataset=pendulum_dataset(), preset="quick", offline_kwargs=dict(TINY_OFFLINE))
+    with pytest.raises(ValueError, match="uni_o4"):
+        model.pretrain()
+
+
+def test_mlp_policy_needs_unit_action_bounds():
+    model = UEPO(
+        "MlpPolicy", "Pendulum-v1", dataset=pendulum_dataset(), preset="quick+uni_o4", offline_kwargs=dict(TINY_OFFLINE)
+    )
+    with pytest.raises(ValueError, match="RescaleAction"):
+        model.pretrain()
+
+
+def test_offline_kwargs_conflicting_with_policy_kwargs():
+    model = diffusion_model(offline_kwargs={**TINY_OFFLINE, "denoiser_hidden_sizes": (32, 32)})
+    with pytest.raises(ValueError, match="denoiser_hidden_sizes"):
+        model.pretrain()
+
+
+def test_offline_kwargs_fill_the_policy_architecture():
+    model = UEPO(
+        "DiffusionPolicy",
+        "Pendulum-v1",
+        dataset=pendulum_dataset(),
+        preset="quick",
+        offline_kwargs={**TINY_OFFLINE, "denoiser_hidden_sizes": (24, 24), "n_sampling_steps": 4},
+    )
+    assert model.policy.net_arch == [24, 24] and model.policy.n_sampling_steps == 4
+
+
+def test_unknown_offline_key_fails_at_construction():
+    with pytest.raises((ValueError, TypeError), match="not_a_setting"):
+        diffusion_model(offline_kwargs={"not_a_setting": 1})
+
+
+def test_dataset_spaces_must_match_env():
+    model = diffusion_model(env="MountainCarContinuous-v0")  # obs (2,) vs the dataset's (3,)
+    with pytest.raises(ValueError, match="observation"):
+        model.pretrain()
+
+
+def test_nan_rewards_are_refused():
+    dataset = pendulum_dataset()
+    dataset.rewards[5] = np.nan
+    model = diffusion_model(dataset)
+    with pytest.raises(ValueError, match=r"(?i)nan|finite"):
+        model.pretrain()
+
+
+def test_mlp_policy_normalises_observations_once_on_every_path():
+    model = UEPO("MlpPolicy", "Pendulum-v1", seed=0)
+    model.policy.set_observation_statistics(np.array([1.0, -2.0, 3.0]), np.array([2.0, 0.5, 4.0]))
+    obs = model.policy.obs_to_tensor(np.random.default_rng(0).normal(size=(6, 3)).astype(np.float32))[0]
+    with th.no_grad():
+        mean_forward = model.policy.get_distribution(obs).distribution.mean
+        _, values_forward, _ = model.policy(obs, deterministic=True)
+        actions = model.policy._predict(obs, deterministic=True)
+        values_eval, _, _ = model.policy.evaluate_actions(obs, actions)
+        values = model.policy.predict_values(obs)
+    assert th.allclose(actions, mean_forward, atol=1e-6)
+    assert th.allclose(values_forward, values, atol=1e-6) and th.allclose(values_eval, values, atol=1e-6)
+    with th.no_grad():  # and it is really normalised: the identity statistics give a different output
+        model.policy.set_observation_statistics(np.zeros(3), np.ones(3))
+        assert not th.allclose(model.policy.get_distribution(obs).distribution.mean, mean_forward)
