@@ -51,6 +51,8 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 0 if args.command is None else 2
+    if hasattr(sys.stdout, "reconfigure"):  # progress lines reach a log file as they are printed, not at exit
+        sys.stdout.reconfigure(line_buffering=True)
     try:
         return int(args.func(args) or 0)
     except KeyboardInterrupt:

@@ -102,3 +102,35 @@ def test_evaluation_helper_scores_hopper(tmp_path):
     assert result.normalized == pytest.approx(expected.tolist())
     assert evaluate(model, "Hopper-v5", n_episodes=3, seed=5).returns == result.returns  # seeded
     assert "normalised" in result.summary() and result.to_dict()["mode"] == "deterministic"
+
+
+def test_train_with_dataset_writes_report_and_pretrained_model(tmp_path, capsys):
+    """Offline then online on a tiny Pendulum dataset (npz): scores, model and JSON report (policy_kwargs hold
+    classes, which the report must still serialise) are written; the saved model is pretrained."""
+    from test_uepo_offline import TINY_OFFLINE, pendulum_dataset
+
+    from sb3_uepo import UEPO
+
+    data = pendulum_dataset()
+    path = tmp_path / "pendulum.npz"
+    np.savez(
+        path,
+        observations=data.observations,
+        actions=data.actions,
+        rewards=data.rewards,
+        next_observations=data.next_observations,
+        terminals=data.terminals,
+        timeouts=data.timeouts,
+    )
+    offline = [f"{key}={value!r}" for key, value in TINY_OFFLINE.items()]
+    sizes = ["denoiser_hidden_sizes=(16, 16)", "value_net_arch=(16, 16)", "n_diffusion_steps=6", "n_sampling_steps=3"]
+    out = tmp_path / "runs" / "pendulum"
+    args = ["train", "--env", "Pendulum-v1", "--dataset", str(path), "--online-steps", "64", "--out", str(out)]
+    assert main([*args, "--offline", *offline, *sizes, *TINY_ONLINE, *QUIET]) == 0
+    printed = capsys.readouterr().out
+    assert "chosen by offline policy evaluation" in printed and "after offline" in printed and "after online" in printed
+    report = json.loads(out.with_suffix(".json").read_text())
+    assert report["offline_report"]["chosen_member"] in (0, 1)
+    assert set(report["evaluation"]) == {"after_offline", "after_online"} and report["online_env_steps"] == 64
+    model = UEPO.load(out.with_suffix(".zip"))
+    assert model.pretrained and model.policy.net_arch == [16, 16]

@@ -100,7 +100,7 @@ def test_pretrain_never_steps_env_and_hands_over_the_offline_result():
 
     # the same config through the pipeline alone gives the same networks (seeded, deterministic)
     result = pipeline_pretrain(
-        dataset, model.observation_space, model.action_space, model._offline_config(), progress_bar=False
+        dataset, model.observation_space, model.action_space, model.offline_config(), progress_bar=False
     )
     policy = model.policy
     for key, value in result.policy_state_dict.items():
@@ -173,7 +173,7 @@ def test_uni_o4_preset_with_gaussian_mlp_policy():
     report = model.pretrain()
     assert report["policy_type"] == "gaussian"
     result = pipeline_pretrain(
-        dataset, model.observation_space, model.action_space, model._offline_config(), progress_bar=False
+        dataset, model.observation_space, model.action_space, model.offline_config(), progress_bar=False
     )
     actor = result.build_policy()
     observations = np.random.default_rng(1).normal(size=(4, 3)).astype(np.float32)

@@ -73,4 +73,6 @@ def _json_default(obj: Any) -> Any:
         return obj.tolist()
     if isinstance(obj, Path):
         return str(obj)
+    if isinstance(obj, type):  # e.g. an activation class in policy_kwargs
+        return f"{obj.__module__}.{obj.__qualname__}"
     raise TypeError(f"Object of type {type(obj).__name__} is not JSON serialisable")

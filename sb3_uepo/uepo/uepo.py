@@ -309,7 +309,7 @@ class UEPO(OnPolicyAlgorithm):
         from sb3_uepo.common.offline.pipeline import OfflinePretrainer
 
         dataset = self._resolve_dataset()
-        config = self._offline_config()
+        config = self.offline_config()
         if not isinstance(self.policy, DiffusionPolicy):
             self._check_gaussian_action_bounds()
         pretrainer = OfflinePretrainer(
@@ -324,7 +324,7 @@ class UEPO(OnPolicyAlgorithm):
             env_id=getattr(dataset, "env_id", None) or self._env_id(),
         )
         result = pretrainer.run()
-        self._load_offline_result(result)
+        self.load_offline_result(result)
         self.offline_report = result.to_report()
         self.pretrained = True
         return dict(self.offline_report)
@@ -361,8 +361,10 @@ class UEPO(OnPolicyAlgorithm):
         spec = self.env.get_attr("spec", [0])[0]
         return getattr(spec, "id", None)
 
-    def _offline_config(self) -> Any:
-        """The offline settings: preset + ``offline_kwargs``, with the architecture, seed and gamma of this model."""
+    def offline_config(self) -> Any:
+        """The :class:`~sb3_uepo.common.offline.config.OfflineConfig` that :meth:`pretrain` runs: preset +
+        ``offline_kwargs``, with the architecture, seed and gamma of this model. Raises ``ValueError`` when the policy and
+        the preset do not fit together (a DiffusionPolicy with ``uni_o4``, an MlpPolicy without it, conflicting sizes)."""
         from sb3_uepo.common.offline.config import resolve_offline_config
 
         user = dict(self.offline_kwargs or {})
@@ -458,8 +460,13 @@ class UEPO(OnPolicyAlgorithm):
                 "gymnasium.wrappers.RescaleAction(env, -1.0, 1.0), or use the DiffusionPolicy (it rescales itself)"
             )
 
-    def _load_offline_result(self, result: Any) -> None:
-        """Hand the offline result (:class:`~sb3_uepo.common.offline.pipeline.OfflineResult`) to the policy."""
+    def load_offline_result(self, result: Any) -> None:
+        """Put an offline result into the policy as :meth:`pretrain` does (weights, IQL value, observation statistics,
+        seed noise; the KL reference when ``kl_ref_coef > 0``), e.g. a result of
+        :func:`~sb3_uepo.common.offline.pipeline.pretrain` run with :meth:`offline_config` elsewhere.
+
+        :param result: an :class:`~sb3_uepo.common.offline.pipeline.OfflineResult`
+        """
         if isinstance(self.policy, DiffusionPolicy):
             self.load_offline_policy(
                 denoiser_state=result.policy_state_dict,
