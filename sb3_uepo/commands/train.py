@@ -29,7 +29,7 @@ NO_DATASET = ("none", "None", "")
 DEFAULT_N_ENVS = 8
 THREADS_HELP = (
     "torch CPU threads (default: 1; small networks are fastest single-threaded, and several threads on a busy CPU "
-    "make every predict() call up to 10x slower)"
+    "make every predict() call several times slower)"
 )
 
 # Online fine-tuning settings when UEPO starts from an offline policy (`uepo train`, `uepo bench`, zoo_configs/uepo.yml

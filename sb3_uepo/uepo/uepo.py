@@ -274,7 +274,13 @@ class UEPO(OnPolicyAlgorithm):
 
     @staticmethod
     def _frozen_copy(policy: BasePolicy) -> Any:
-        reference = copy.deepcopy(policy)
+        # SB3's action distributions cache their last torch distribution and gSDE noise: tensors inside the autograd
+        # graph, which deepcopy refuses. The reference recomputes them when used, so its copy leaves them out (None).
+        memo: dict[int, Any] = {}
+        for value in getattr(getattr(policy, "action_dist", None), "__dict__", {}).values():
+            if isinstance(value, (th.Tensor, th.distributions.Distribution)):
+                memo[id(value)] = None
+        reference = copy.deepcopy(policy, memo)
         del reference.optimizer  # never stepped; keep neither its state nor a second set of moments
         reference.requires_grad_(False)
         reference.set_training_mode(False)

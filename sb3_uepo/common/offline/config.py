@@ -83,7 +83,7 @@ class OfflineConfig:
     ppo_batch_size: int = 256  # dataset states per step (shared by the members)
     ppo_lr: float = 1e-5  # Adam on the member weights
     clip_range: float = 0.25  # PPO clip of the exact chain ratio (Uni-O4 offline)
-    linear_decay: bool = True  # decay lr and clip linearly to 0 over ppo_steps (Uni-O4's is_linear_decay)
+    linear_decay: bool = True  # decay the lr linearly to 0 over ppo_steps (Uni-O4's is_linear_decay; the clip stays constant)
     advantage_omega: float = 0.7  # BPPO's asymmetric weight: omega on A > 0, 1 - omega on A < 0 (0.5: off)
     max_grad_norm: float = 0.5  # per-member gradient-norm clip (BPPO: 0.5)
     max_log_ratio: float = 20.0  # clamp of the chain log-ratio before exp (numerical guard only)
@@ -185,20 +185,22 @@ class OfflineConfig:
 # a dict of their own fields. Budget presets set step counts; variant presets (uni_o4) set switches.
 PRESETS: dict[str, dict[str, Any]] = {
     # Real but small: the whole offline phase on ~80k Hopper transitions in a few minutes on 2 CPU cores.
+    # Measured on the embedded Hopper data (80k transitions): about 6-8 min on a free 2-core CPU (docs/benchmarks.md).
     "quick": dict(
         behavior_steps=3_000,
-        iql_steps=4_000,
+        iql_steps=3_000,
         gaussian_bc_steps=3_000,
         ppo_steps=400,
+        ppo_batch_size=128,
         ppo_lr=3e-5,
         segment_batch_size=32,
         regularizer_interval=2,
-        ope_interval=50,
-        perturb_interval=50,
+        ope_interval=100,
+        perturb_interval=100,
         ope_horizon=30,
         ope_n_starts=64,
-        dynamics=dict(max_steps=1_500, eval_interval=250, patience=4, max_holdout=2_000),
-        augmentation=dict(ratio=0.25, train_steps=1_500, reference_size=2_000),
+        dynamics=dict(max_steps=1_000, eval_interval=250, patience=4, max_holdout=2_000),
+        augmentation=dict(ratio=0.25, train_steps=1_000, reference_size=2_000),
     ),
     # CPU-friendly full run (tens of minutes to an hour on 2 cores).
     "default": {},

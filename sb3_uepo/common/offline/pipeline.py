@@ -77,7 +77,7 @@ class OfflineResult:
     policy_type: str  # "diffusion" (Denoiser) or "gaussian" (GaussianActor)
     policy_state_dict: dict[str, torch.Tensor]  # the chosen member's weights (Denoiser or GaussianActor state dict)
     seed_noise: torch.Tensor | None  # (A,) the chosen member's initial chain noise x_0 (diffusion, member_noise="seed")
-    behavior_state_dict: dict[str, torch.Tensor] | None  # behaviour denoiser: the KL reference online (None for gaussian)
+    behavior_state_dict: dict[str, torch.Tensor] | None  # behaviour denoiser (diffusion BC; None for gaussian members)
     value_state_dict: dict[str, torch.Tensor]  # IQL V, loads into Sequential(*create_mlp(O, 1, value_net_arch, act))
     obs_mean: np.ndarray  # (O,) fixed observation normalisation (float32)
     obs_std: np.ndarray  # (O,)
