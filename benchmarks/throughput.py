@@ -47,7 +47,7 @@ def build(algo: str, args: argparse.Namespace) -> Any:
     env = make_vec_env(args.env, n_envs=args.n_envs, seed=args.seed)
     common = dict(n_steps=args.n_steps, batch_size=args.batch_size, n_epochs=args.n_epochs, seed=args.seed, device="cpu")
     if algo == "uepo":
-        policy_kwargs = dict(n_sampling_steps=args.denoising_steps)
+        policy_kwargs = dict(n_sampling_steps=args.denoising_steps, sampler="ddim")  # as fine-tuning runs
         return UEPO("DiffusionPolicy", env, policy_kwargs=policy_kwargs, **common)
     return PPO("MlpPolicy", env, **common)
 

@@ -69,7 +69,9 @@ class DiffusionPolicy(BasePolicy):
     :param time_embed_dim: width of the denoiser's diffusion-step embedding
     :param n_train_steps: diffusion steps ``K`` of the noise schedule the denoiser is trained on
     :param n_sampling_steps: denoising steps ``S`` used to act (and fine-tuned by PPO), ``<= n_train_steps``
-    :param sampler: ``"ddim"`` or ``"ddpm"``
+    :param sampler: ``"ddpm"`` (default) or ``"ddim"``. From an untrained denoiser, DDIM's clipped ``x0`` prediction
+        is clipped at nearly every step, which passes no gradient: learning from scratch (no dataset) needs DDPM.
+        With a dataset, the offline settings fill this in (the presets pretrain and fine-tune with DDIM).
     :param min_std: floor of every denoising step's std (exploration noise and log-probabilities)
     :param noise_clip: clip of the standard-normal exploration noise of every step
     :param member_seed: seed of the member's fixed initial noise used for deterministic actions
@@ -100,7 +102,7 @@ class DiffusionPolicy(BasePolicy):
         time_embed_dim: int = 32,
         n_train_steps: int = 20,
         n_sampling_steps: int = 5,
-        sampler: str = "ddim",
+        sampler: str = "ddpm",
         min_std: float = 0.1,
         noise_clip: float = 3.0,
         member_seed: int = 0,
