@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 # Online env steps of `uepo train` when --online-steps is not given, by budget preset. `quick` is the main job: with
-# the quick offline pretraining it must finish in < 15 min on a 2-core CPU (measured times: docs/usage.md).
+# the quick offline pretraining it must finish in < 15 min on a 2-core CPU (measured: docs/benchmarks.md, "Main job").
 DEFAULT_ONLINE_STEPS = {"quick": 30_000, "default": 200_000, "paper": 1_000_000}
 PRESET_HELP = "quick, default, paper, uni_o4, or a budget+variant such as quick+uni_o4"
 FALLBACK_ENV = "Hopper-v5"

@@ -185,7 +185,7 @@ class OfflineConfig:
 # a dict of their own fields. Budget presets set step counts; variant presets (uni_o4) set switches.
 PRESETS: dict[str, dict[str, Any]] = {
     # Real but small: the whole offline phase on ~80k Hopper transitions in a few minutes on 2 CPU cores.
-    # Measured on the embedded Hopper data (80k transitions): about 6-8 min on a free 2-core CPU (docs/benchmarks.md).
+    # Measured on the embedded Hopper data (80k transitions): see docs/benchmarks.md, "Main job".
     "quick": dict(
         behavior_steps=3_000,
         iql_steps=3_000,
