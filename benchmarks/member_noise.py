@@ -5,8 +5,9 @@ diffusion model acting deterministically from zero noise and from each member's 
 behaviour model with these noises), and stochastically (fresh noise per action). Then scores the same members by the
 OPE of the pipeline at several model-rollout horizons, from any dataset state and from episode starts, and prints the
 rank correlation with the real scores.
+Numbers in docs/benchmarks.md come from:
 
-    python benchmarks/member_noise.py --pretrain-dir bench_results/pretrain_hopper_s0    # numbers in docs/benchmarks.md
+    python benchmarks/member_noise.py --pretrain-dir bench_results/pretrain_hopper_s0 --horizons 30 100 200
 """
 
 from __future__ import annotations
@@ -81,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
         index = pool[th.randint(0, len(pool), (config.ope_n_starts,), generator=generator)]
         for horizon in args.horizons:
             with th.no_grad():
-                scores = offline_policy_evaluation(
+                scores, info = offline_policy_evaluation(
                     pretrainer.outputs["dynamics"],
                     act,
                     data.obs[index],
@@ -91,10 +92,14 @@ def main(argv: list[str] | None = None) -> int:
                     termination_fn=termination,
                     generator=th.Generator().manual_seed(config.seed + 8),
                     n_members=config.n_members,
+                    return_info=True,
                 )
             rho = np.corrcoef(np.argsort(np.argsort(scores.numpy())), np.argsort(np.argsort(real)))[0, 1]  # Spearman
+            alive = 1.0 - info["terminated_fraction"].numpy()
+            rho_alive = np.corrcoef(np.argsort(np.argsort(alive)), np.argsort(np.argsort(real)))[0, 1]
             print(
-                f"  from {start:14s} horizon {horizon:4d}: {np.round(scores.numpy(), 1).tolist()}  Spearman vs real {rho:+.2f}"
+                f"  from {start:14s} horizon {horizon:4d}: scores {np.round(scores.numpy(), 1).tolist()} (Spearman vs real "
+                f"{rho:+.2f}); survived to H {np.round(alive, 2).tolist()} (Spearman vs real {rho_alive:+.2f})"
             )
     return 0
 
