@@ -5,6 +5,7 @@ diffusion model acting deterministically from zero noise and from each member's 
 behaviour model with these noises), and stochastically (fresh noise per action). Then scores the same members by the
 OPE of the pipeline at several model-rollout horizons, from any dataset state and from episode starts, and prints the
 rank correlation with the real scores.
+
 Numbers in docs/benchmarks.md come from:
 
     python benchmarks/member_noise.py --pretrain-dir bench_results/pretrain_hopper_s0 --horizons 30 100 200
