@@ -26,5 +26,5 @@ def test_offline_chosen_uepo_beats_diffusion_bc_on_hopper():
     )
     uepo_score = evaluate(model, "Hopper-v5", n_episodes=10, deterministic=True, seed=123, dataset=dataset)
     bc_score = evaluate(bc, "Hopper-v5", n_episodes=10, deterministic=True, seed=123, dataset=dataset)
-    print(f"UEPO (member {result.chosen_member}): {uepo_score}\ndiffusion BC: {bc_score}")
+    print(f"UEPO (member {result.chosen_member}): {uepo_score.summary()}\ndiffusion BC: {bc_score.summary()}")
     assert uepo_score.normalized_mean > bc_score.normalized_mean, (uepo_score, bc_score)
