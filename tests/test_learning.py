@@ -5,8 +5,8 @@ for cheap batched chain sampling, rewards normalised by VecNormalize (the values
 learnt too slowly within this budget) and the DDPM sampler: from an untrained denoiser, DDIM's clipped x0 prediction
 saturates nearly every denoising step, which blocks the gradient through the chain; DDPM's steps keep a path through
 x_k and learn. Before training, the deterministic policy applies one saturated torque (about -1400); a random policy
-gets about -1200 to -1500, a swing-up policy about -150 to -200. Measured (10 deterministic episodes, 60k steps, about
-3 minutes on 2 shared cores): seeds 0, 1, 2, 3 go from -1418, -1534, -1401, -1438 to -213, -199, -212, -233.
+gets about -1200 to -1500, a swing-up policy about -150 to -200. Measured by this test (10 deterministic episodes,
+60k steps, about 2-3 minutes on 2 shared cores): seed 0 goes from -1418 to -213.
 """
 
 import pytest
