@@ -52,9 +52,7 @@ def main(argv: list[str] | None = None) -> int:
     noises = members.seed_noise.detach().cpu().numpy()
 
     bc = UEPO("DiffusionPolicy", args.env, dataset=dataset, preset=args.preset, seed=args.seed)
-    bc.load_offline_policy(
-        denoiser_state=result.behavior_state_dict, obs_mean=result.obs_mean, obs_std=result.obs_std, set_reference=False
-    )
+    bc.load_offline_result(result, member="behavior")
     kwargs = dict(n_episodes=args.episodes, seed=10_000 + args.seed, dataset=dataset)
     print(f"{args.env} / {args.dataset}, preset {args.preset}, seed {args.seed}: behaviour diffusion model in the real env")
     stochastic = evaluate(bc, args.env, deterministic=False, **kwargs)

@@ -72,13 +72,7 @@ def run_seed(env_id: str, dataset_id: str, preset: str, seed: int, episodes: int
         "chosen_reason": result.chosen_reason,
     }
     bc = UEPO("DiffusionPolicy", env_id, dataset=dataset, preset=preset, offline_kwargs=dict(offline), seed=seed)
-    bc.load_offline_policy(
-        denoiser_state=result.behavior_state_dict,
-        value_state=result.value_state_dict,
-        obs_mean=result.obs_mean,
-        obs_std=result.obs_std,
-        set_reference=False,
-    )
+    bc.load_offline_result(result, member="behavior")
     results["diffusion_bc"] = {**score(bc), "pretrain_s": result.seconds.get("behavior")}
 
     # the Uni-O4 baseline through the same code and budget (Hopper/Walker2d/HalfCheetah/Ant act in [-1, 1] already)

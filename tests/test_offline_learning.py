@@ -18,12 +18,7 @@ def test_offline_chosen_uepo_beats_diffusion_bc_on_hopper():
     result = pretrain(dataset, model.observation_space, model.action_space, model.offline_config(), progress_bar=False)
     model.load_offline_result(result)
     bc = UEPO("DiffusionPolicy", "Hopper-v5", dataset=dataset, preset="quick", seed=0)
-    bc.load_offline_policy(
-        denoiser_state=result.behavior_state_dict,
-        obs_mean=result.obs_mean,
-        obs_std=result.obs_std,
-        set_reference=False,
-    )
+    bc.load_offline_result(result, member="behavior")
     uepo_score = evaluate(model, "Hopper-v5", n_episodes=10, deterministic=True, seed=123, dataset=dataset)
     bc_score = evaluate(bc, "Hopper-v5", n_episodes=10, deterministic=True, seed=123, dataset=dataset)
     print(f"UEPO (member {result.chosen_member}): {uepo_score.summary()}\ndiffusion BC: {bc_score.summary()}")

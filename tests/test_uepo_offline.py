@@ -8,6 +8,7 @@ import pytest
 import torch as th
 from gymnasium.wrappers import RescaleAction
 from stable_baselines3.common.env_util import make_vec_env
+from test_offline_pipeline import TINY
 
 from sb3_uepo import UEPO
 from sb3_uepo.common.datasets.container import OfflineDataset
@@ -15,24 +16,9 @@ from sb3_uepo.common.offline.pipeline import pretrain as pipeline_pretrain
 
 pytestmark = pytest.mark.filterwarnings("ignore:No termination rule is known")
 
-# tiny budgets of every offline stage (see tests/test_offline_pipeline.py); architectures come from policy_kwargs
-TINY_OFFLINE = dict(
-    n_members=2,
-    behavior_steps=20,
-    iql_steps=20,
-    q_hidden_sizes=(16, 16),
-    gaussian_bc_steps=20,
-    ppo_steps=6,
-    ppo_batch_size=16,
-    ope_interval=3,
-    perturb_interval=3,
-    ope_horizon=4,
-    ope_n_starts=8,
-    segment_length=4,
-    segment_batch_size=4,
-    dynamics=dict(ensemble_size=3, n_elites=2, hidden_sizes=(16, 16), max_steps=20, eval_interval=10),
-    augmentation=dict(ratio=0.2, train_steps=10, hidden_sizes=(16, 16), reference_size=100, n_sampling_steps=4),
-)
+# tiny budgets of every offline stage (those of tests/test_offline_pipeline.py); architectures come from policy_kwargs
+ARCHITECTURE_KEYS = ("n_diffusion_steps", "n_sampling_steps", "denoiser_hidden_sizes", "time_embed_dim", "value_net_arch")
+TINY_OFFLINE = {k: v for k, v in TINY.items() if k not in (*ARCHITECTURE_KEYS, "gaussian_hidden_sizes")}
 DIFFUSION_KWARGS = dict(net_arch=[16, 16], value_net_arch=[16, 16], time_embed_dim=8, n_train_steps=6, n_sampling_steps=3)
 MLP_KWARGS = dict(net_arch=dict(pi=[16, 16], vf=[16, 16]))
 
@@ -111,6 +97,13 @@ def test_pretrain_never_steps_env_and_hands_over_the_offline_result():
     np.testing.assert_allclose(policy.obs_std.numpy(), result.obs_std, rtol=1e-6)
     assert th.allclose(policy.deterministic_noise, result.seed_noise)
     assert policy.initial_noise == "seed"
+
+    # the behaviour diffusion model (diffusion BC) loads the same way, acting from fresh noise
+    bc = diffusion_model(dataset, env=env)
+    bc.load_offline_result(result, member="behavior")
+    for key, value in result.behavior_state_dict.items():
+        assert th.allclose(bc.policy.denoiser.state_dict()[key], value), key
+    assert bc.policy.initial_noise == "random" and not bc.pretrained
 
     # online fine-tuning starts from it: no second pretraining, the env is stepped now
     model.learn(64)

@@ -466,24 +466,32 @@ class UEPO(OnPolicyAlgorithm):
                 "gymnasium.wrappers.RescaleAction(env, -1.0, 1.0), or use the DiffusionPolicy (it rescales itself)"
             )
 
-    def load_offline_result(self, result: Any) -> None:
+    def load_offline_result(self, result: Any, member: str = "chosen") -> None:
         """Put an offline result into the policy as :meth:`pretrain` does (weights, IQL value, observation statistics,
         seed noise; the KL reference when ``kl_ref_coef > 0``), e.g. a result of
         :func:`~sb3_uepo.common.offline.pipeline.pretrain` run with :meth:`offline_config` elsewhere.
 
         :param result: an :class:`~sb3_uepo.common.offline.pipeline.OfflineResult`
+        :param member: ``"chosen"`` (the member chosen by OPE) or ``"behavior"`` (the behaviour diffusion model of
+            stage 1, i.e. diffusion BC, acting from fresh noise; DiffusionPolicy only)
         """
+        if member not in ("chosen", "behavior"):
+            raise ValueError(f"member must be 'chosen' or 'behavior', got {member!r}")
+        if member == "behavior" and (not isinstance(self.policy, DiffusionPolicy) or result.behavior_state_dict is None):
+            raise ValueError("member='behavior' needs a DiffusionPolicy and a result with a behaviour diffusion model")
         if isinstance(self.policy, DiffusionPolicy):
+            chosen = member == "chosen"
             self.load_offline_policy(
-                denoiser_state=result.policy_state_dict,
+                denoiser_state=result.policy_state_dict if chosen else result.behavior_state_dict,
                 value_state=result.value_state_dict,
                 obs_mean=result.obs_mean,
                 obs_std=result.obs_std,
                 set_reference=False,
             )
-            if result.seed_noise is not None:
+            if chosen and result.seed_noise is not None:
                 self.policy.set_deterministic_noise(result.seed_noise)
-            self.policy.initial_noise = "seed" if result.architecture["sampler"].get("member_noise") == "seed" else "random"
+            seeded = chosen and result.architecture["sampler"].get("member_noise") == "seed"
+            self.policy.initial_noise = "seed" if seeded else "random"
         else:
             policy = self.policy
             policy.set_observation_statistics(result.obs_mean, result.obs_std)  # type: ignore[union-attr]
