@@ -37,8 +37,20 @@ def _atomic_write_json(path: Path, data: Any) -> None:
     os.replace(tmp, path)
 
 
-def run_seed(env_id: str, dataset_id: str, preset: str, seed: int, episodes: int, offline: dict[str, Any]) -> dict[str, Any]:
-    """Pretrain UEPO and the Uni-O4 baseline on one seed; evaluate both and the behaviour diffusion model."""
+def run_seed(
+    env_id: str,
+    dataset_id: str,
+    preset: str,
+    seed: int,
+    episodes: int,
+    offline: dict[str, Any],
+    pretrain_dir: str | None = None,
+) -> dict[str, Any]:
+    """Pretrain UEPO and the Uni-O4 baseline on one seed; evaluate both and the behaviour diffusion model.
+
+    With ``pretrain_dir`` the stage checkpoints go to ``<pretrain_dir>/{uepo,uni_o4}_s<seed>`` and completed stages
+    are reused (an interrupted benchmark resumes; the reported pretraining time is then that of the resumed part).
+    """
     import torch as th
 
     th.set_num_threads(1)
@@ -62,12 +74,20 @@ def run_seed(env_id: str, dataset_id: str, preset: str, seed: int, episodes: int
     # UEPO, and diffusion BC from the same run's behaviour model
     start = time.perf_counter()
     model = UEPO("DiffusionPolicy", env_id, dataset=dataset, preset=preset, offline_kwargs=dict(offline), seed=seed)
-    result = pretrain(dataset, model.observation_space, model.action_space, model.offline_config(), progress_bar=False)
+    checkpoints = {m: None if pretrain_dir is None else f"{pretrain_dir}/{m}_s{seed}" for m in ("uepo", "uni_o4")}
+    result = pretrain(
+        dataset,
+        model.observation_space,
+        model.action_space,
+        model.offline_config(),
+        checkpoint_dir=checkpoints["uepo"],
+        progress_bar=False,
+    )
     model.load_offline_result(result)
     seconds = time.perf_counter() - start
     results["uepo"] = {
         **score(model),
-        "pretrain_s": seconds,
+        "pretrain_s": sum(result.seconds.values()) if pretrain_dir is not None else seconds,
         "chosen_member": result.chosen_member,
         "chosen_reason": result.chosen_reason,
     }
@@ -77,7 +97,15 @@ def run_seed(env_id: str, dataset_id: str, preset: str, seed: int, episodes: int
 
     # the Uni-O4 baseline through the same code and budget (Hopper/Walker2d/HalfCheetah/Ant act in [-1, 1] already)
     start = time.perf_counter()
-    baseline = UEPO("MlpPolicy", env_id, dataset=dataset, preset=f"{preset}+uni_o4", offline_kwargs=dict(offline), seed=seed)
+    baseline = UEPO(
+        "MlpPolicy",
+        env_id,
+        dataset=dataset,
+        preset=f"{preset}+uni_o4",
+        offline_kwargs=dict(offline),
+        seed=seed,
+        pretrain_dir=checkpoints["uni_o4"],
+    )
     report = baseline.pretrain()
     results["uni_o4"] = {
         **score(baseline),
@@ -110,6 +138,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workers", type=int, default=2, help="seeds run in parallel, one process each")
     parser.add_argument("--offline", default="{}", help="JSON of offline_kwargs overrides for both methods")
     parser.add_argument("--out", default="bench_results/offline_quality.json")
+    parser.add_argument("--pretrain-dir", default=None, help="keep (and reuse) the stage checkpoints of every run here")
     args = parser.parse_args(argv)
 
     out = Path(args.out)
@@ -125,7 +154,9 @@ def main(argv: list[str] | None = None) -> int:
     start = time.perf_counter()
     with ProcessPoolExecutor(max_workers=max(1, args.workers)) as pool:
         futures = {
-            seed: pool.submit(run_seed, args.env, args.dataset, args.preset, seed, args.episodes, settings["offline"])
+            seed: pool.submit(
+                run_seed, args.env, args.dataset, args.preset, seed, args.episodes, settings["offline"], args.pretrain_dir
+            )
             for seed in todo
         }
         for seed, future in futures.items():

@@ -62,3 +62,9 @@ def test_inconsistent_values_are_refused():
         resolve_offline_config("quick", {"policy_type": "gaussian"})
     with pytest.raises(ValueError, match="ope_score"):
         resolve_offline_config("quick", {"ope_score": "real_env"})
+    with pytest.raises(ValueError, match="ope_start_states"):
+        resolve_offline_config("quick", {"ope_start_states": "resets"})
+    with pytest.raises(ValueError, match="ope_discount"):
+        resolve_offline_config("quick", {"ope_discount": 0.0})
+    with pytest.raises(ValueError, match="ope_uncertainty_penalty"):
+        resolve_offline_config("quick", {"ope_uncertainty_penalty": -1.0})

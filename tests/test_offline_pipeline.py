@@ -229,3 +229,31 @@ def test_stages_log_to_the_sb3_logger(tmp_path):
     for key in ("offline/behavior/loss", "offline/iql/value_loss", "offline/offline_ppo/policy_loss", "offline/ope/score_0"):
         assert key in header, key
     assert any(k.startswith("offline/dynamics/") for k in header)
+
+
+@pytest.mark.parametrize("where", ["episode_starts", "any"])
+def test_ope_starts_where_the_config_says(monkeypatch, where):
+    """``ope_start_states``: the OPE rollouts start from dataset episode starts (the task's objective) or any state,
+    undiscounted without V by default, with the configured uncertainty penalty."""
+    from sb3_uepo.common.offline import ope as ope_module
+
+    calls = []
+    real_ope = ope_module.offline_policy_evaluation
+
+    def spy(*args, **kwargs):
+        calls.append((args, kwargs))
+        return real_ope(*args, **kwargs)
+
+    monkeypatch.setattr(ope_module, "offline_policy_evaluation", spy)
+    dataset = tiny_dataset()
+    pretrainer = OfflinePretrainer(dataset, OBS_SPACE, ACT_SPACE, tiny_config(ope_start_states=where), progress_bar=False)
+    pretrainer.run()
+    assert calls
+    (_, _, start_obs, horizon, discount), kwargs = calls[0][0][:5], calls[0][1]
+    assert (horizon, discount, kwargs["value_fn"], kwargs["uncertainty_penalty"]) == (4, 1.0, None, 1.0)
+    first_states = pretrainer.data.obs[pretrainer.data.episode_starts]
+    is_start = (start_obs.unsqueeze(1) == first_states.unsqueeze(0)).all(-1).any(1)
+    if where == "episode_starts":
+        assert is_start.all()
+    else:
+        assert not is_start.all()  # 8 uniform draws from 200 states, 8 of them episode starts

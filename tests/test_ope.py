@@ -111,7 +111,43 @@ def test_identical_members_share_random_numbers(point_mass_model):
     assert scores[0] == scores[1]
 
 
+def test_uncertainty_penalty_subtracts_the_elites_disagreement(point_mass_model):
+    """lambda * disagreement comes off every reward of the same trajectories: linear in lambda, exact per step."""
+    start = start_states(32, seed=2)
+    kwargs = dict(horizon=6, gamma=1.0, n_members=3)
+
+    def score(penalty):
+        return offline_policy_evaluation(
+            point_mass_model, members, start, generator=torch.Generator().manual_seed(5), uncertainty_penalty=penalty, **kwargs
+        )
+
+    plain, once, twice = score(0.0), score(1.0), score(2.0)
+    assert (plain > once).all()
+    torch.testing.assert_close(plain - twice, 2 * (plain - once), rtol=1e-4, atol=1e-5)
+    # the penalty of one step, by hand: from the start states, the first model step's disagreement
+    one_step = offline_policy_evaluation(
+        point_mass_model,
+        members,
+        start,
+        1,
+        1.0,
+        n_members=3,
+        generator=torch.Generator().manual_seed(5),
+        uncertainty_penalty=1.0,
+    )
+    plain_step = offline_policy_evaluation(
+        point_mass_model, members, start, 1, 1.0, n_members=3, generator=torch.Generator().manual_seed(5)
+    )
+    actions = members(start.unsqueeze(0).expand(3, -1, -1))
+    expected = point_mass_model.disagreement(start.unsqueeze(0).expand(3, -1, -1), actions).mean(1)
+    torch.testing.assert_close(plain_step - one_step, expected, rtol=1e-4, atol=1e-5)
+
+
 def test_bad_arguments():
+    with pytest.raises(ValueError, match="DynamicsEnsemble"):
+        offline_policy_evaluation(
+            PointMass(), members, start_states(), horizon=5, gamma=0.99, n_members=3, uncertainty_penalty=1.0
+        )
     with pytest.raises(ValueError, match="n_members"):
         offline_policy_evaluation(PointMass(), members, start_states(), horizon=5, gamma=0.99)
     with pytest.raises(ValueError, match="score"):

@@ -25,6 +25,7 @@ from sb3_uepo.common.offline.dynamics import DynamicsConfig
 
 POLICY_TYPES = ("diffusion", "gaussian")
 OPE_SCORES = ("model_return", "mean_q")
+OPE_START_STATES = ("episode_starts", "any")
 MEMBER_NOISE = ("seed", "random")
 PERTURB_TARGETS = ("weights", "seed")
 ACTIVATIONS = ("tanh", "relu", "mish", "silu", "elu")
@@ -103,10 +104,14 @@ class OfflineConfig:
     kl_coef: float = 0.001  # weight of the KL term (sum over steps and sequence, mean over segments)
 
     # ------------------------------------------------------------------ stage 6: OPE gating and choice
-    ope_score: str = "model_return"  # "model_return" (rollouts in the dynamics + gamma^H V) or "mean_q" (Uni-O4 cheap)
+    ope_score: str = "model_return"  # "model_return" (rollouts in the learned dynamics) or "mean_q" (Uni-O4 cheap)
     ope_interval: int = 100  # PPO steps between OPE evaluations (Uni-O4: 100); each may replace a member's "previous"
-    ope_horizon: int = 50  # H_ope: model rollout length
-    ope_n_starts: int = 128  # dataset states the rollouts start from (one fixed sample, common to every evaluation)
+    ope_horizon: int = 100  # H_ope: model rollout length
+    ope_n_starts: int = 128  # start states of the rollouts (one fixed sample, common to every evaluation)
+    ope_start_states: str = "episode_starts"  # "episode_starts" (the task's objective) or "any" (uniform over the data)
+    ope_discount: float = 1.0  # discount of the model return (1: the undiscounted episode return that is reported)
+    ope_bootstrap: bool = False  # add ope_discount^H V(s_H) for rollouts alive at H (V: the IQL value)
+    ope_uncertainty_penalty: float = 1.0  # lambda: every model reward minus lambda * elite disagreement (MOPO)
     ope_deterministic_policy: bool = True  # members act deterministically (DDIM from their seed noise / Gaussian mean)
 
     def to_dict(self) -> dict[str, Any]:
@@ -132,6 +137,12 @@ class OfflineConfig:
             (self.member_noise in MEMBER_NOISE, f"member_noise must be one of {MEMBER_NOISE}, got {self.member_noise!r}"),
             (self.perturb_target in PERTURB_TARGETS, f"perturb_target must be one of {PERTURB_TARGETS}"),
             (self.ope_score in OPE_SCORES, f"ope_score must be one of {OPE_SCORES}, got {self.ope_score!r}"),
+            (
+                self.ope_start_states in OPE_START_STATES,
+                f"ope_start_states must be one of {OPE_START_STATES}, got {self.ope_start_states!r}",
+            ),
+            (0.0 < self.ope_discount <= 1.0, f"ope_discount must be in (0, 1], got {self.ope_discount}"),
+            (self.ope_uncertainty_penalty >= 0.0, f"ope_uncertainty_penalty must be >= 0, got {self.ope_uncertainty_penalty}"),
             (
                 self.segment_length >= 2,
                 f"segment_length (T) must be >= 2 (accelerations need 3 actions), got {self.segment_length}",
@@ -197,7 +208,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         regularizer_interval=2,
         ope_interval=100,
         perturb_interval=100,
-        ope_horizon=30,
+        ope_horizon=100,
         ope_n_starts=64,
         dynamics=dict(max_steps=1_000, eval_interval=250, patience=4, max_holdout=2_000),
         augmentation=dict(ratio=0.25, train_steps=1_000, reference_size=2_000),
@@ -213,7 +224,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         gaussian_bc_steps=400_000,
         ppo_steps=10_000,
         ppo_batch_size=512,
-        ope_horizon=100,
+        ope_horizon=200,
         ope_n_starts=512,
         dynamics=dict(max_steps=200_000, patience=8),
         augmentation=dict(ratio=2.0, train_steps=100_000),

@@ -10,10 +10,13 @@ Two scores:
   is rolled out in the learned model from the same dataset start states for ``H`` steps, a random elite per step,
   stopping on the task's termination rule::
 
-      J(pi) = mean_b [ sum_{t < T_b} gamma^t r_t  +  1[alive at H] gamma^H V(s_H) ]
+      J(pi) = mean_b [ sum_{t < T_b} gamma^t (r_t - lambda u_t)  +  1[alive at H] gamma^H V(s_H) ]
 
-  with ``T_b = min(H, first termination)``; ``V`` is ``value_fn`` (the IQL value), or ``Q(s_H, pi(s_H))`` when
-  only ``q_fn`` is given, or 0 when neither is.
+  with ``T_b = min(H, first termination)``; ``u_t`` the elites' disagreement at ``(s_t, a_t)``
+  (:meth:`DynamicsEnsemble.disagreement`, MOPO's penalty, ``lambda = uncertainty_penalty``); ``V`` is ``value_fn``
+  (the IQL value), or ``Q(s_H, pi(s_H))`` when only ``q_fn`` is given, or 0 when neither is. The pipeline calls it
+  with ``gamma = 1``, no ``V`` and episode starts (``OfflineConfig.ope_*``): the estimate of the undiscounted
+  episode return that evaluation reports (see ``docs/algorithm.md`` for the measurements behind that choice).
 * ``"mean_q"``: ``J(pi) = mean_b Q(s_b, pi(s_b))`` over the given dataset states (no model), as BPPO / Uni-O4's
   cheap variant.
 
@@ -71,6 +74,7 @@ def offline_policy_evaluation(
     n_members: int | None = None,
     common_random_numbers: bool = True,
     return_info: bool = False,
+    uncertainty_penalty: float = 0.0,
 ) -> torch.Tensor | tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Score ``M`` member policies offline (higher is better).
 
@@ -92,6 +96,8 @@ def offline_policy_evaluation(
     :param n_members: ``M`` when ``start_obs`` is (B, O)
     :param common_random_numbers: share the elite choice and noise across members (DynamicsEnsemble only)
     :param return_info: also return per-member details (``std_error``, ``mean_length``, ``terminated_fraction``)
+    :param uncertainty_penalty: ``lambda``: subtract ``lambda`` times the elites' disagreement from every model
+        reward (needs a :class:`DynamicsEnsemble`; it then evaluates every elite at each step)
     :return: (M,) scores, or ``(scores, info)`` when ``return_info``
     """
     if score not in ("model_return", "mean_q"):
@@ -100,15 +106,8 @@ def offline_policy_evaluation(
         raise ValueError(f"gamma must be in (0, 1], got {gamma}")
     if horizon < 0:
         raise ValueError(f"horizon must be >= 0, got {horizon}")
-    if start_obs.dim() == 2:
-        if n_members is None:
-            raise ValueError("start_obs is (B, O): pass n_members=M (or give (M, B, O) start states)")
-        obs = start_obs.unsqueeze(0).expand(n_members, -1, -1).clone()
-    elif start_obs.dim() == 3:
-        obs = start_obs.clone()
-    else:
-        raise ValueError(f"start_obs must be (B, O) or (M, B, O), got shape {tuple(start_obs.shape)}")
-    n_m, n_b, obs_dim = obs.shape
+    obs = _start_batch(start_obs, n_members)
+    n_m, n_b, _ = obs.shape
 
     if score == "mean_q":
         if q_fn is None:
@@ -117,6 +116,10 @@ def offline_policy_evaluation(
         return (q.mean(1), _info(q, torch.zeros_like(q), torch.zeros_like(q, dtype=torch.bool))) if return_info else q.mean(1)
     if dynamics is None:
         raise ValueError("score='model_return' needs a dynamics model")
+    if uncertainty_penalty < 0.0:
+        raise ValueError(f"uncertainty_penalty must be >= 0, got {uncertainty_penalty}")
+    if uncertainty_penalty > 0.0 and not isinstance(dynamics, DynamicsEnsemble):
+        raise ValueError("uncertainty_penalty > 0 needs a DynamicsEnsemble (its elites' disagreement is the penalty)")
 
     use_crn = common_random_numbers and isinstance(dynamics, DynamicsEnsemble)
     returns = obs.new_zeros(n_m, n_b)
@@ -125,15 +128,7 @@ def offline_policy_evaluation(
     discount = 1.0
     for _ in range(horizon):
         actions = _policy(policy_fn, obs)
-        if use_crn:
-            choice = torch.randint(0, dynamics.n_elites, (n_b,), generator=generator).to(obs.device)
-            noise = torch.randn(n_b, dynamics.target_dim, generator=generator).to(obs.device)
-            next_obs, rewards, _ = dynamics.step(
-                obs, actions, generator=generator, elite_choice=choice.expand(n_m, -1), noise=noise.expand(n_m, -1, -1)
-            )
-        else:
-            next_obs, rewards, _ = dynamics.step(obs.reshape(-1, obs_dim), actions.reshape(n_m * n_b, -1), generator=generator)
-        next_obs, rewards = next_obs.reshape(n_m, n_b, obs_dim), rewards.reshape(n_m, n_b)
+        next_obs, rewards = _model_step(dynamics, obs, actions, generator, use_crn, uncertainty_penalty)
         broken = ~(torch.isfinite(next_obs).all(-1) & torch.isfinite(rewards))  # a diverged model step ends the rollout
         returns += discount * torch.where(alive & ~broken, rewards, torch.zeros_like(rewards))
         lengths += alive.float()
@@ -152,6 +147,54 @@ def offline_policy_evaluation(
         returns += discount * torch.where(alive, terminal_value, torch.zeros_like(terminal_value))
     scores = returns.mean(1)
     return (scores, _info(returns, lengths, ~alive)) if return_info else scores
+
+
+def _start_batch(start_obs: torch.Tensor, n_members: int | None) -> torch.Tensor:
+    """(B, O) shared start states (then ``n_members`` is required) or (M, B, O) -> a (M, B, O) copy."""
+    if start_obs.dim() == 2:
+        if n_members is None:
+            raise ValueError("start_obs is (B, O): pass n_members=M (or give (M, B, O) start states)")
+        return start_obs.unsqueeze(0).expand(n_members, -1, -1).clone()
+    if start_obs.dim() == 3:
+        return start_obs.clone()
+    raise ValueError(f"start_obs must be (B, O) or (M, B, O), got shape {tuple(start_obs.shape)}")
+
+
+def _model_step(
+    dynamics: Any,
+    obs: torch.Tensor,
+    actions: torch.Tensor,
+    generator: torch.Generator | None,
+    use_crn: bool,
+    uncertainty_penalty: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One model step of every (member, start) row: (M, B, O), (M, B, A) -> next obs (M, B, O), rewards (M, B).
+
+    With ``use_crn`` (a :class:`DynamicsEnsemble`) the members share the elite choice and the Gaussian noise of each
+    start state; rewards are lowered by ``uncertainty_penalty`` times the elites' disagreement.
+    """
+    n_m, n_b, obs_dim = obs.shape
+    penalize = uncertainty_penalty > 0.0
+    if use_crn:
+        choice = torch.randint(0, dynamics.n_elites, (n_b,), generator=generator).to(obs.device)
+        noise = torch.randn(n_b, dynamics.target_dim, generator=generator).to(obs.device)
+        next_obs, rewards, info = dynamics.step(
+            obs,
+            actions,
+            generator=generator,
+            elite_choice=choice.expand(n_m, -1),
+            noise=noise.expand(n_m, -1, -1),
+            with_disagreement=penalize,
+        )
+    else:
+        kwargs = dict(with_disagreement=True) if penalize else {}
+        next_obs, rewards, info = dynamics.step(
+            obs.reshape(-1, obs_dim), actions.reshape(n_m * n_b, -1), generator=generator, **kwargs
+        )
+    rewards = rewards.reshape(n_m, n_b)
+    if penalize:
+        rewards = rewards - uncertainty_penalty * info["disagreement"].reshape(n_m, n_b)
+    return next_obs.reshape(n_m, n_b, obs_dim), rewards
 
 
 def _info(returns: torch.Tensor, lengths: torch.Tensor, terminated: torch.Tensor) -> dict[str, torch.Tensor]:

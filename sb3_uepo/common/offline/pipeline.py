@@ -528,7 +528,12 @@ class OfflinePretrainer:
         critics: IQLCritics = self.outputs["iql"]
         dynamics = self.outputs["dynamics"]
         generator = torch.Generator().manual_seed(cfg.seed + 7)
-        start_idx = torch.randint(0, d.obs.shape[0], (min(cfg.ope_n_starts, d.obs.shape[0]),), generator=generator)
+        n_starts = min(cfg.ope_n_starts, d.obs.shape[0])
+        pool = torch.nonzero(d.episode_starts.cpu()).flatten() if cfg.ope_start_states == "episode_starts" else None
+        if pool is None or len(pool) == 0:
+            start_idx = torch.randint(0, d.obs.shape[0], (n_starts,), generator=generator)
+        else:  # episode starts are few (one per episode): drawn with replacement, each row gets its own model noise
+            start_idx = pool[torch.randint(0, len(pool), (n_starts,), generator=generator)]
         start_obs = d.obs[start_idx.to(self.device)]
         termination = self.termination_fn() if cfg.ope_score == "model_return" else None
 
@@ -543,11 +548,12 @@ class OfflinePretrainer:
                 policy_fn,
                 start_obs,
                 cfg.ope_horizon,
-                cfg.gamma,
-                value_fn=critics.value,
+                cfg.ope_discount,
+                value_fn=critics.value if cfg.ope_bootstrap else None,
                 termination_fn=termination,
                 generator=rollout_gen,
                 n_members=n_members,
+                uncertainty_penalty=cfg.ope_uncertainty_penalty,
             )
 
         return ope
