@@ -50,7 +50,7 @@ def test_unknown_key_is_a_clear_error():
 def test_unknown_preset_is_a_clear_error():
     with pytest.raises(ValueError, match=r"Unknown offline preset 'fast'.*quick"):
         resolve_offline_config("fast")
-    assert set(PRESETS) == {"quick", "default", "paper", "uni_o4"}
+    assert set(PRESETS) == {"quick", "default", "paper", "uni_o4", "bc"}
 
 
 def test_inconsistent_values_are_refused():

@@ -23,18 +23,24 @@ def setup():
     return behavior, sampler, make_diffusion_members(behavior, sampler, n_members=3, seed=7)
 
 
-def test_members_start_from_the_one_model_with_different_seeds(setup):
+def test_members_start_from_the_one_model_and_the_prior_mode(setup):
     behavior, _, members = setup
     for name, value in behavior.state_dict().items():
         stacked = members.params[name]
         assert stacked.shape == (3, *value.shape)
         for i in range(3):
             assert torch.equal(stacked[i], value)
-    assert members.seed_noise.shape == (3, ACT)
-    assert torch.equal(members.seed_noise[1], torch.randn(ACT, generator=torch.Generator().manual_seed(8)))
-    assert torch.cdist(members.seed_noise, members.seed_noise)[~torch.eye(3, dtype=torch.bool)].min() > 0
+    # default member_noise="zero": every member's chains start at x_0 = 0, the mode of the prior
+    assert torch.equal(members.seed_noise, torch.zeros(3, ACT))
     # a member's state dict loads into a plain Denoiser
     Denoiser(ACT, OBS, (32, 32), 8).load_state_dict(members.member_state_dict(2))
+
+
+def test_seed_member_noise_draws_one_fixed_noise_per_member(setup):
+    behavior, sampler, _ = setup
+    members = make_diffusion_members(behavior, sampler, n_members=3, seed=7, member_noise="seed")
+    assert torch.equal(members.seed_noise[1], torch.randn(ACT, generator=torch.Generator().manual_seed(8)))
+    assert torch.cdist(members.seed_noise, members.seed_noise)[~torch.eye(3, dtype=torch.bool)].min() > 0
 
 
 def test_batched_forward_equals_each_member_alone(setup):
@@ -72,8 +78,12 @@ def test_one_vectorised_call_per_denoising_step_for_all_members(setup, monkeypat
 
 
 def test_seed_noise_makes_members_act_differently(setup):
-    _, _, members = setup
-    actions = members.act(torch.randn(8, OBS))
+    behavior, sampler, zero_members = setup
+    obs = torch.randn(8, OBS)
+    zero_actions = zero_members.act(obs)
+    assert torch.equal(zero_actions[0], zero_actions[1])  # same weights, same x_0 = 0: the same policy
+    members = make_diffusion_members(behavior, sampler, n_members=3, seed=7, member_noise="seed")
+    actions = members.act(obs)
     assert actions.shape == (3, 8, ACT)
     assert not torch.allclose(actions[0], actions[1])
     assert actions.abs().max() <= 1.0

@@ -196,7 +196,7 @@ def _uepo_class() -> Any:
 def _build_uepo(run: Any, dataset: OfflineDataset | None, policy: str, preset: str | None) -> BaseAlgorithm:
     from stable_baselines3.common.env_util import make_vec_env
 
-    from sb3_uepo.commands.train import DEFAULT_N_ENVS, fine_tuning_defaults
+    from sb3_uepo.uepo.defaults import DEFAULT_N_ENVS, fine_tuning_defaults
 
     uepo = _uepo_class()
     n_envs = run.n_envs or DEFAULT_N_ENVS

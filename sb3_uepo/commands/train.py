@@ -20,48 +20,18 @@ import zipfile
 from pathlib import Path
 from typing import Any
 
+from sb3_uepo.uepo.defaults import DEFAULT_N_ENVS, fine_tuning_defaults
+
 # Online env steps of `uepo train` when --online-steps is not given, by budget preset. `quick` is the main job: with
 # the quick offline pretraining it must finish in < 15 min on a 2-core CPU (measured: docs/benchmarks.md, "Main job").
 DEFAULT_ONLINE_STEPS = {"quick": 30_000, "default": 200_000, "paper": 1_000_000}
 PRESET_HELP = "quick, default, paper, uni_o4, or a budget+variant such as quick+uni_o4"
 FALLBACK_ENV = "Hopper-v5"
 NO_DATASET = ("none", "None", "")
-DEFAULT_N_ENVS = 8
 THREADS_HELP = (
     "torch CPU threads (default: 1; small networks are fastest single-threaded, and several threads on a busy CPU "
     "make every predict() call several times slower)"
 )
-
-# Online fine-tuning settings when UEPO starts from an offline policy (`uepo train`, `uepo bench`, zoo_configs/uepo.yml
-# hold the same values); --param overrides any of them. PPO's from-scratch defaults (lr 3e-4, clip 0.2) would wreck a
-# pretrained policy in a few updates. Uni-O4 fine-tunes with 2048 env steps per update, clip 0.05, actor lr 2e-5 and
-# critic lr 2e-4; DPPO with clip 0.01. With 8 envs, n_steps=256 gives Uni-O4's 2048 steps per update.
-FINE_TUNING_DEFAULTS: dict[str, object] = {
-    "n_steps": 256,
-    "batch_size": 512,
-    "n_epochs": 5,
-    "learning_rate": 3e-5,
-    "clip_range": 0.05,
-    "value_warmup_iters": 2,
-    "kl_ref_coef": 0.1,
-}
-# DiffusionPolicy only: the value network learns 10x faster than the actor (Uni-O4's critic/actor ratio).
-DIFFUSION_POLICY_KWARGS = {"value_lr_scale": 10.0}
-
-
-def fine_tuning_defaults(policy: str, n_envs: int = DEFAULT_N_ENVS) -> dict[str, object]:
-    """UEPO constructor arguments for fine-tuning a pretrained policy (see :data:`FINE_TUNING_DEFAULTS`).
-
-    :param policy: ``"DiffusionPolicy"`` or ``"MlpPolicy"``
-    :param n_envs: training environments (the rollout keeps ~2048 env steps per update)
-    """
-    defaults = dict(FINE_TUNING_DEFAULTS)
-    defaults["n_steps"] = max(2048 // max(n_envs, 1), 16)
-    defaults["batch_size"] = min(int(defaults["batch_size"]), int(defaults["n_steps"]) * n_envs)  # type: ignore[call-overload]
-    if policy == "DiffusionPolicy":
-        defaults["policy_kwargs"] = dict(DIFFUSION_POLICY_KWARGS)
-    return defaults
-
 
 def budget_preset(preset: str | None) -> str:
     """The budget part of a preset name: ``"quick+uni_o4"`` -> ``"quick"``, ``"uni_o4"`` -> ``"default"``."""

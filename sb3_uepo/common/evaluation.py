@@ -224,3 +224,76 @@ def normalized_scores(
     except DatasetError:
         return None
     return [float(s) for s in np.atleast_1d(scores)]
+
+
+def score_offline_stages(
+    model: Any,
+    result: Any,
+    env_id: str,
+    n_episodes: int = 5,
+    seed: int = 0,
+    dataset: OfflineDataset | None = None,
+    modes: tuple[str, ...] | list[str] = MODES,
+) -> dict[str, Any]:
+    """Real-environment scores of what every offline stage produced, for reporting only (the member handed on was
+    already chosen by OPE): the behaviour diffusion model (diffusion BC), every member as initialised (before offline
+    PPO) and after offline PPO (its best-by-OPE policy), next to the member's OPE score, and the chosen member.
+
+    The model is used as the vehicle: each policy is loaded into it in turn with ``model.load_offline_result``, and
+    the chosen member is loaded back at the end, so the model is left as :meth:`UEPO.pretrain` left it.
+
+    :param model: a UEPO model whose policy matches the result's architecture
+    :param result: an :class:`~sb3_uepo.common.offline.pipeline.OfflineResult` with its members kept
+    :param env_id: environment to evaluate in
+    :param n_episodes: episodes per policy and mode
+    :param seed: seed of the evaluation environments (the same episodes for every policy)
+    :param dataset: dataset whose reference returns normalise the scores
+    :param modes: action modes to evaluate
+    :return: ``{"stages": [{"stage", "member", "ope_score", "ope_normalized", <mode>: {...}}], "chosen_member",
+        "regret", "random_choice_regret"}``; regrets are in normalised points of the first mode, over the members
+        after offline PPO
+    """
+    from sb3_uepo.common.datasets.scores import normalized_score
+    from sb3_uepo.common.datasets.validation import DatasetError
+
+    def score(policy_result: Any, member: str = "chosen") -> dict[str, Any]:
+        model.load_offline_result(policy_result, member=member)
+        return {
+            mode: evaluation.to_dict()
+            for mode, evaluation in evaluate_modes(
+                model, env_id, modes, n_episodes=n_episodes, seed=seed, dataset=dataset
+            ).items()
+        }
+
+    def ope_normalized(value: float | None) -> float | None:
+        if value is None or not np.isfinite(value) or result.config.get("ope_score") != "model_return":
+            return None
+        try:
+            return float(normalized_score(env_id, np.asarray([value]), dataset)[0])
+        except DatasetError:
+            return None
+
+    rows: list[dict[str, Any]] = []
+    try:
+        if result.behavior_state_dict is not None:
+            rows.append(dict(stage="behavior", member=None, **score(result, member="behavior")))
+        for i in range(len(result.initial_member_state_dicts)):
+            ope = None if result.initial_ope_scores is None else result.initial_ope_scores[i]
+            rows.append(
+                dict(stage="members", member=i, ope_score=ope, ope_normalized=ope_normalized(ope), **score(result.member(i, True)))
+            )
+        for i in range(len(result.member_state_dicts)):
+            ope = None if result.best_ope_scores is None else result.best_ope_scores[i]
+            rows.append(
+                dict(stage="offline_ppo", member=i, ope_score=ope, ope_normalized=ope_normalized(ope), **score(result.member(i)))
+            )
+    finally:
+        model.load_offline_result(result)
+    first = modes[0]
+    final = [row[first]["normalized_mean"] for row in rows if row["stage"] == "offline_ppo"]
+    report: dict[str, Any] = dict(stages=rows, chosen_member=result.chosen_member, mode_of_regret=first)
+    if final and all(v is not None for v in final):
+        chosen = final[result.chosen_member]
+        report["regret"] = float(max(final) - chosen)
+        report["random_choice_regret"] = float(max(final) - np.mean(final))
+    return report

@@ -74,10 +74,12 @@ class DiffusionPolicy(BasePolicy):
         With a dataset, the offline settings fill this in (the presets pretrain and fine-tune with DDIM).
     :param min_std: floor of every denoising step's std (exploration noise and log-probabilities)
     :param noise_clip: clip of the standard-normal exploration noise of every step
-    :param member_seed: seed of the member's fixed initial noise used for deterministic actions
+    :param member_seed: None (default): deterministic actions start from ``x_0 = 0``, the mode of the prior, so that
+        acting does not hinge on one random draw; an int: from the fixed draw
+        ``torch.randn(A, generator=torch.Generator().manual_seed(member_seed))``
     :param initial_noise: where stochastic chains start: ``"random"`` (a fresh ``N(0, I)`` draw per chain) or
-        ``"seed"`` (the member's fixed initial noise, exploring only through the per-step noise, as the offline members
-        with ``member_noise="seed"`` were trained; set by ``UEPO.pretrain``)
+        ``"seed"`` (the fixed initial noise of deterministic actions, exploring only through the per-step noise, as the
+        offline members with ``member_noise="zero"`` or ``"seed"`` were trained; set by ``UEPO.pretrain``)
     :param value_lr_scale: the value network's learning rate is ``value_lr_scale`` times the policy's
         (Uni-O4 online: critic 2e-4 vs actor 2e-5, i.e. 10); UEPO applies it at every learning-rate update
     :param use_sde: not supported (must stay False); accepted because SB3's on-policy algorithms pass it
@@ -105,7 +107,7 @@ class DiffusionPolicy(BasePolicy):
         sampler: str = "ddpm",
         min_std: float = 0.1,
         noise_clip: float = 3.0,
-        member_seed: int = 0,
+        member_seed: int | None = None,
         initial_noise: str = "random",
         value_lr_scale: float = 1.0,
         use_sde: bool = False,
@@ -157,9 +159,13 @@ class DiffusionPolicy(BasePolicy):
         self.value_net = make_value_net(self.obs_dim, self.value_net_arch, value_activation_fn)
         self.register_buffer("obs_mean", th.zeros(self.obs_dim))
         self.register_buffer("obs_std", th.ones(self.obs_dim))
-        # x_K of deterministic actions: a fixed draw per member, so predict(deterministic=True) is a pure function
-        generator = th.Generator().manual_seed(int(member_seed))
-        self.register_buffer("deterministic_noise", th.randn(self.action_dim, generator=generator))
+        # x_0 of deterministic actions, so that predict(deterministic=True) is a pure function: the prior's mode (zero)
+        # unless a member seed asks for a fixed draw
+        if member_seed is None:
+            noise = th.zeros(self.action_dim)
+        else:
+            noise = th.randn(self.action_dim, generator=th.Generator().manual_seed(int(member_seed)))
+        self.register_buffer("deterministic_noise", noise)
 
         lr = lr_schedule(1)
         value_group = {"params": list(self.value_net.parameters()), "lr": lr * value_lr_scale, "lr_scale": value_lr_scale}
@@ -233,9 +239,8 @@ class DiffusionPolicy(BasePolicy):
         self.value_net.load_state_dict(state_dict)
 
     def set_deterministic_noise(self, noise: np.ndarray | th.Tensor) -> None:
-        """Replace the member's fixed initial noise ``x_K`` of deterministic actions (by default drawn from
-        ``member_seed`` as ``torch.randn(A, generator=torch.Generator().manual_seed(member_seed))``), e.g. with an
-        offline member's (possibly perturbed) seed noise. Saved with the model.
+        """Replace the fixed initial noise ``x_0`` of deterministic actions (by default zero, see ``member_seed``), e.g.
+        with an offline member's initial noise. Saved with the model.
 
         :param noise: (A,) initial noise
         """

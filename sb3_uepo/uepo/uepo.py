@@ -46,6 +46,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from sb3_uepo.common.buffers import DiffusionRolloutBuffer
+from sb3_uepo.uepo.defaults import AUTO, resolve_auto_arguments
 from sb3_uepo.uepo.policies import DiffusionPolicy, MlpPolicy
 
 SelfUEPO = TypeVar("SelfUEPO", bound="UEPO")
@@ -59,26 +60,32 @@ class UEPO(OnPolicyAlgorithm):
 
     :param policy: ``"DiffusionPolicy"`` or ``"MlpPolicy"`` (Gaussian, for the Uni-O4 baseline), or a policy class
     :param env: the environment to learn from (a registered id is made with ``make_vec_env``); needs a Box action space
+    Arguments marked "auto" follow the situation (``sb3_uepo/uepo/defaults.py``): with a ``dataset`` they take the
+    fine-tuning settings (lr 3e-5, clip 0.05, 5 epochs of batch 512 over ~2048 env steps, KL 0.1 to the offline
+    policy, 2 value warm-up updates, and a 10x value learning rate for the DiffusionPolicy), without one SB3 PPO's
+    (lr 3e-4, clip 0.2, 10 epochs of batch 64 over 2048 steps per env, no KL, no warm-up). A value you pass wins.
+
     :param learning_rate: learning rate (of the actor; see ``value_lr_scale`` in the DiffusionPolicy's kwargs),
-        a float or a schedule of the remaining progress (1 -> 0)
-    :param n_steps: steps per environment per update (the rollout buffer holds ``n_steps * n_envs``)
-    :param batch_size: minibatch size
-    :param n_epochs: epochs over the rollout buffer per update
+        a float or a schedule of the remaining progress (1 -> 0); "auto"
+    :param n_steps: steps per environment per update (the rollout buffer holds ``n_steps * n_envs``); "auto"
+    :param batch_size: minibatch size; "auto"
+    :param n_epochs: epochs over the rollout buffer per update; "auto"
     :param gamma: discount factor
     :param gae_lambda: GAE lambda
     :param clip_range: PPO clip of the (per-denoising-step) ratio, float or schedule; Uni-O4 fine-tunes with 0.05,
-        DPPO with 0.01
+        DPPO with 0.01; "auto"
     :param clip_range_vf: clip of the value update (None: no clipping), float or schedule
     :param normalize_advantage: normalise the advantages per minibatch
     :param ent_coef: entropy coefficient; a chain has no closed-form entropy, so ``-log pi(chain | s)`` stands in
     :param vf_coef: value loss coefficient
-    :param max_grad_norm: gradient clipping norm
+    :param max_grad_norm: gradient-norm clip of the actor (the denoiser, or the Gaussian actor)
+    :param max_grad_norm_vf: gradient-norm clip of the critic (value network), applied separately; None: ``max_grad_norm``
     :param denoising_discount: DPPO's discount over the denoising steps: step ``j`` of ``S`` has its advantage
         weighted by ``denoising_discount ** (S - 1 - j)``
     :param kl_ref_coef: initial coefficient of ``KL(pi || pi_ref)`` to the frozen reference policy (the offline
-        policy; from scratch, the initial policy); 0 disables the term
+        policy; from scratch, the initial policy); 0 disables the term; "auto"
     :param kl_ref_decay: the KL coefficient is multiplied by this after every policy update (rollout)
-    :param value_warmup_iters: the first ``value_warmup_iters`` updates train the value network only
+    :param value_warmup_iters: the first ``value_warmup_iters`` updates train the value network only; "auto"
     :param dataset: offline dataset (id, path or :class:`~sb3_uepo.common.datasets.container.OfflineDataset`) for
         the offline stages; None learns online from scratch
     :param preset: name of the offline budget/ablation preset (e.g. ``"quick"``, ``"uni_o4"``)
@@ -115,22 +122,23 @@ class UEPO(OnPolicyAlgorithm):
         self,
         policy: str | type[BasePolicy],
         env: GymEnv | str,
-        learning_rate: float | Schedule = 3e-4,
-        n_steps: int = 2048,
-        batch_size: int = 64,
-        n_epochs: int = 10,
+        learning_rate: float | Schedule | str = AUTO,
+        n_steps: int | str = AUTO,
+        batch_size: int | str = AUTO,
+        n_epochs: int | str = AUTO,
         gamma: float = 0.99,
         gae_lambda: float = 0.95,
-        clip_range: float | Schedule = 0.2,
+        clip_range: float | Schedule | str = AUTO,
         clip_range_vf: float | Schedule | None = None,
         normalize_advantage: bool = True,
         ent_coef: float = 0.0,
         vf_coef: float = 0.5,
         max_grad_norm: float = 0.5,
+        max_grad_norm_vf: float | None = None,
         denoising_discount: float = 0.99,
-        kl_ref_coef: float = 0.0,
+        kl_ref_coef: float | str = AUTO,
         kl_ref_decay: float = 0.95,
-        value_warmup_iters: int = 0,
+        value_warmup_iters: int | str = AUTO,
         dataset: Any = None,
         preset: str | None = None,
         offline_kwargs: dict[str, Any] | None = None,
@@ -148,6 +156,24 @@ class UEPO(OnPolicyAlgorithm):
         device: th.device | str = "auto",
         _init_setup_model: bool = True,
     ) -> None:
+        # "auto" arguments: the fine-tuning settings when a dataset is given, PPO's otherwise (uepo/defaults.py)
+        auto, policy_kwargs = resolve_auto_arguments(
+            dict(
+                learning_rate=learning_rate,
+                n_steps=n_steps,
+                batch_size=batch_size,
+                n_epochs=n_epochs,
+                clip_range=clip_range,
+                kl_ref_coef=kl_ref_coef,
+                value_warmup_iters=value_warmup_iters,
+            ),
+            fine_tuning=dataset is not None,
+            policy=_policy_name(policy),
+            n_envs=getattr(env, "num_envs", 1),
+            policy_kwargs=policy_kwargs,
+        )
+        learning_rate, n_steps, batch_size, n_epochs = (auto[k] for k in ("learning_rate", "n_steps", "batch_size", "n_epochs"))
+        clip_range, kl_ref_coef, value_warmup_iters = auto["clip_range"], auto["kl_ref_coef"], auto["value_warmup_iters"]
         super().__init__(
             policy,
             env,
@@ -194,6 +220,9 @@ class UEPO(OnPolicyAlgorithm):
             raise ValueError(f"kl_ref_decay must be in (0, 1], got {kl_ref_decay}")
         if value_warmup_iters < 0:
             raise ValueError(f"value_warmup_iters must be >= 0, got {value_warmup_iters}")
+        if max_grad_norm_vf is not None and max_grad_norm_vf <= 0:
+            raise ValueError(f"max_grad_norm_vf must be > 0 (or None: max_grad_norm), got {max_grad_norm_vf}")
+        self.max_grad_norm_vf = max_grad_norm_vf
 
         self.batch_size = batch_size
         self.n_epochs = n_epochs
@@ -488,9 +517,11 @@ class UEPO(OnPolicyAlgorithm):
                 obs_std=result.obs_std,
                 set_reference=False,
             )
-            if chosen and result.seed_noise is not None:
-                self.policy.set_deterministic_noise(result.seed_noise)
-            seeded = chosen and result.architecture["sampler"].get("member_noise") == "seed"
+            # the chosen member acts from its offline initial noise (zero by default); the behaviour model
+            # deterministically from the prior's mode, stochastically from fresh draws (the data's distribution)
+            seeded = chosen and result.architecture["sampler"].get("member_noise", "seed") in ("zero", "seed")
+            noise = result.seed_noise if seeded and result.seed_noise is not None else th.zeros(self.policy.action_dim)
+            self.policy.set_deterministic_noise(noise)
             self.policy.initial_noise = "seed" if seeded else "random"
         else:
             policy = self.policy
@@ -684,7 +715,7 @@ class UEPO(OnPolicyAlgorithm):
 
                 self.policy.optimizer.zero_grad()
                 loss.backward()
-                th.nn.utils.clip_grad_norm_(self.policy.parameters(), self.max_grad_norm)
+                self._clip_gradients()
                 self.policy.optimizer.step()
                 logs["loss"].append(loss.item())
 
@@ -694,6 +725,24 @@ class UEPO(OnPolicyAlgorithm):
 
         self._n_train_rounds += 1
         self._record_train_logs(logs, clip_range, clip_range_vf, value_only, kl_coef)
+
+    def actor_critic_parameters(self) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
+        """(actor parameters, critic parameters) of the policy: the denoiser (or Gaussian actor) and the value net."""
+        if isinstance(self.policy, DiffusionPolicy):
+            return list(self.policy.denoiser.parameters()), list(self.policy.value_net.parameters())
+        critic = list(self.policy.value_net.parameters()) + list(self.policy.mlp_extractor.value_net.parameters())
+        if not self.policy.share_features_extractor:
+            critic += list(self.policy.vf_features_extractor.parameters())
+        critic_ids = {id(p) for p in critic}
+        return [p for p in self.policy.parameters() if id(p) not in critic_ids], critic
+
+    def _clip_gradients(self) -> None:
+        """Clip the actor's and the critic's gradients SEPARATELY (as DPPO and Uni-O4 optimise them): on raw rewards
+        the value gradient is orders of magnitude larger than the actor's, and one joint clip would shrink every actor
+        step by that factor."""
+        actor, critic = self.actor_critic_parameters()
+        th.nn.utils.clip_grad_norm_(actor, self.max_grad_norm)
+        th.nn.utils.clip_grad_norm_(critic, self.max_grad_norm if self.max_grad_norm_vf is None else self.max_grad_norm_vf)
 
     def _value_loss(self, values: th.Tensor, rollout_data: Any, clip_range_vf: float | None) -> th.Tensor:
         if clip_range_vf is not None:  # clip the change of the value (depends on the reward scale)
@@ -863,6 +912,12 @@ class UEPO(OnPolicyAlgorithm):
             if not _is_spaces_error(error):
                 raise
             raise _spaces_error(error, "cannot use this environment with this model") from error
+
+
+def _policy_name(policy: str | type[BasePolicy]) -> str:
+    if isinstance(policy, type):
+        return "DiffusionPolicy" if issubclass(policy, DiffusionPolicy) else policy.__name__
+    return policy
 
 
 def _is_spaces_error(error: ValueError) -> bool:

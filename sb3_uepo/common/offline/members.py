@@ -6,10 +6,12 @@ Owns: :class:`StackedMembers` (M copies of one module as stacked parameters, run
 MLP members of the ``uni_o4`` preset (:class:`GaussianActor`, :class:`GaussianMembers`, :func:`fit_gaussian_members`).
 Must not touch: how members are improved (``offline_ppo.py``) or regularised (``divergence.py``).
 
-Diffusion members (UEPO). Member ``i`` is a copy of the pretrained behaviour denoiser's weights plus its own noise seed
-``z_i ~ N(0, I_A)`` (drawn once from ``seed + i``). With ``member_noise="seed"`` every chain of member ``i`` starts at
-``x_0 = z_i``; its deterministic action is the DDIM chain from ``z_i`` (so members that share their weights still act
-differently: one model, several modes), its stochastic chain adds the floored Gaussian step noise of
+Diffusion members (UEPO). Member ``i`` is a copy of the pretrained behaviour denoiser's weights plus its initial chain
+noise ``z_i``. With ``member_noise="zero"`` (the default) ``z_i = 0``, the mode of the prior, for every member: members
+differ only by their weights (trained apart by the divergence term and the perturbation), and the deterministic action
+is the DDIM chain from the prior's mode, not from one random draw. With ``member_noise="seed"``, ``z_i ~ N(0, I_A)`` is
+drawn once from ``seed + i`` (one model, several modes; a member's quality then depends on its draw). In both modes
+every chain of member ``i`` starts at ``x_0 = z_i``; its stochastic chain adds the floored Gaussian step noise of
 :class:`~sb3_uepo.common.diffusion.ChainSampler`. As in DPPO every denoising step is a Gaussian policy step, so
 ``log pi_i(chain | s) = sum_j log N(x_{j+1}; mu_i(x_j, k_j, s), sigma_j^2)`` (``x_0`` is fixed and not scored).
 
@@ -115,11 +117,12 @@ class DiffusionMembers(StackedMembers):
     :param params: stacked denoiser parameters (M, ...)
     :param seed_noise: (M, A) the members' fixed initial noises
     :param sampler: the chain sampler (schedule, steps, min std)
-    :param member_noise: ``"seed"`` (chains start at the seed noise) or ``"random"`` (fresh N(0, I) every chain)
+    :param member_noise: ``"zero"`` or ``"seed"`` (chains start at ``seed_noise``) or ``"random"`` (fresh N(0, I) every
+        chain)
     """
 
     def __init__(
-        self, template: Denoiser, params: Params, seed_noise: torch.Tensor, sampler: ChainSampler, member_noise: str = "seed"
+        self, template: Denoiser, params: Params, seed_noise: torch.Tensor, sampler: ChainSampler, member_noise: str = "zero"
     ) -> None:
         super().__init__(template, params)
         self.seed_noise = seed_noise
@@ -243,27 +246,30 @@ class DiffusionMembers(StackedMembers):
 
 
 def make_diffusion_members(
-    behavior: Denoiser, sampler: ChainSampler, n_members: int, seed: int, member_noise: str = "seed"
+    behavior: Denoiser, sampler: ChainSampler, n_members: int, seed: int, member_noise: str = "zero"
 ) -> DiffusionMembers:
-    """``n_members`` members initialised from the ONE behaviour denoiser, each with its own seed noise.
+    """``n_members`` members initialised from the ONE behaviour denoiser, each with its initial chain noise.
 
     :param behavior: the pretrained behaviour denoiser
     :param sampler: the chain sampler of the offline phase
     :param n_members: ``M``
-    :param seed: member ``i`` draws its seed noise ``z_i ~ N(0, I_A)`` from ``torch.Generator().manual_seed(seed + i)``
-    :param member_noise: ``"seed"`` or ``"random"`` (see :class:`DiffusionMembers`)
+    :param seed: with ``member_noise="seed"``, member ``i`` draws ``z_i ~ N(0, I_A)`` from
+        ``torch.Generator().manual_seed(seed + i)``; otherwise unused (``z_i = 0``)
+    :param member_noise: ``"zero"``, ``"seed"`` or ``"random"`` (see :class:`DiffusionMembers`)
     """
     copies = [copy.deepcopy(behavior) for _ in range(n_members)]
     params = StackedMembers.stack(copies)
     device = next(behavior.parameters()).device
-    noise = torch.stack(
-        [torch.randn(behavior.action_dim, generator=torch.Generator().manual_seed(seed + i)) for i in range(n_members)]
-    ).to(device)
+    if member_noise == "seed":
+        draws = [torch.randn(behavior.action_dim, generator=torch.Generator().manual_seed(seed + i)) for i in range(n_members)]
+        noise = torch.stack(draws).to(device)
+    else:
+        noise = torch.zeros(n_members, behavior.action_dim, device=device)
     return DiffusionMembers(behavior, params, noise, sampler, member_noise)
 
 
 def diffusion_members_from_state(
-    template: Denoiser, sampler: ChainSampler, state: dict[str, Any], member_noise: str = "seed"
+    template: Denoiser, sampler: ChainSampler, state: dict[str, Any], member_noise: str = "zero"
 ) -> DiffusionMembers:
     """Rebuild :class:`DiffusionMembers` from :meth:`DiffusionMembers.state`."""
     params = {k: v.detach().clone().requires_grad_(True) for k, v in state["params"].items()}

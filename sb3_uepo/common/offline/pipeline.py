@@ -90,6 +90,22 @@ class OfflineResult:
     stage_reports: dict[str, dict[str, Any]]  # per stage: losses, curves, seconds, ...
     config: dict[str, Any]  # the resolved OfflineConfig
     seconds: dict[str, float] = field(default_factory=dict)  # wall time per stage (this run and resumed ones)
+    # every member, for per-stage reporting (the choice above never looks at them): its best-by-OPE weights and initial
+    # noise after offline PPO, and its weights as the members stage made them (before offline PPO)
+    member_state_dicts: list[dict[str, torch.Tensor]] = field(default_factory=list)
+    member_seed_noises: list[torch.Tensor | None] = field(default_factory=list)
+    initial_member_state_dicts: list[dict[str, torch.Tensor]] = field(default_factory=list)
+
+    def member(self, index: int, initial: bool = False) -> OfflineResult:
+        """This result with member ``index`` in place of the chosen one (after offline PPO, or as initialised with
+        ``initial=True``), e.g. to score every member in a report; loads like the result itself."""
+        states = self.initial_member_state_dicts if initial else self.member_state_dicts
+        if not 0 <= index < len(states):
+            raise IndexError(f"member {index} is not in this result ({len(states)} member(s) kept)")
+        noise = self.member_seed_noises[index] if self.member_seed_noises else None
+        if initial and self.policy_type == "diffusion" and noise is not None:
+            noise = torch.zeros_like(noise) if self.architecture["sampler"].get("member_noise") == "zero" else noise
+        return dataclasses.replace(self, chosen_member=index, policy_state_dict=states[index], seed_noise=noise)
 
     # ------------------------------------------------------------------------------------------ builders
     def build_policy(self) -> nn.Module:
@@ -561,6 +577,7 @@ class OfflinePretrainer:
     def _stage_offline_ppo(self) -> tuple[Any, dict[str, Any], dict[str, Any]]:
         cfg, d = self.config, self.data
         members = self.outputs["members"]
+        self.outputs["initial_members"] = members.detached_params()  # before offline PPO trains them in place
         improvement = OfflinePolicyImprovement(
             members,
             self.outputs["iql"],
@@ -605,10 +622,17 @@ class OfflinePretrainer:
         state = self.outputs["offline_ppo"]
         members = self.outputs["members"]
         index = int(state["chosen_member"])
-        policy_state = members.member_state_dict(index, state["old_params"])
-        seed_noise = None
+
+        def cpu(params: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+            return {k: v.detach().cpu().clone() for k, v in params.items()}
+
+        member_states = [cpu(members.member_state_dict(i, state["old_params"])) for i in range(members.n_members)]
+        initial_params = self.outputs.get("initial_members") or members.detached_params()  # resumed: never trained here
+        initial_states = [cpu(members.member_state_dict(i, initial_params)) for i in range(members.n_members)]
+        noises: list[torch.Tensor | None] = [None] * members.n_members
         if cfg.policy_type == "diffusion" and state["old_seed_noise"] is not None:
-            seed_noise = state["old_seed_noise"][index].detach().cpu().clone()
+            noises = [state["old_seed_noise"][i].detach().cpu().clone() for i in range(members.n_members)]
+        policy_state, seed_noise = member_states[index], noises[index]
         behavior = self.outputs.get("behavior")
         obs_dim, action_dim = d.obs.shape[1], d.actions.shape[1]
         if cfg.policy_type == "diffusion":
@@ -644,7 +668,7 @@ class OfflinePretrainer:
             chosen_member=index,
             chosen_reason=str(state["chosen_reason"]),
             policy_type=cfg.policy_type,
-            policy_state_dict={k: v.detach().cpu().clone() for k, v in policy_state.items()},
+            policy_state_dict=policy_state,
             seed_noise=seed_noise,
             behavior_state_dict=(
                 None if behavior is None else {k: v.detach().cpu().clone() for k, v in behavior.state_dict().items()}
@@ -661,6 +685,9 @@ class OfflinePretrainer:
             stage_reports=dict(self.reports),
             config=_jsonable(cfg.to_dict()),
             seconds=dict(self.seconds),
+            member_state_dicts=member_states,
+            member_seed_noises=noises,
+            initial_member_state_dicts=initial_states,
         )
         log_values(self.logger, "offline/select", dict(chosen_member=float(index)), 0)
         return result
