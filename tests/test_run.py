@@ -343,3 +343,33 @@ def test_diffusion_rollout_buffer_needs_diffusion_policy():
 def test_batch_size_not_dividing_the_rollout_warns():
     with pytest.warns(UserWarning, match="does not divide"):
         make_model("DiffusionPolicy", n_steps=48, batch_size=32)
+
+
+@pytest.mark.parametrize("policy", POLICIES)
+def test_actor_and_critic_gradients_are_clipped_separately(policy, monkeypatch):
+    """One joint clip would let the (large) value gradient shrink every actor step; each gets its own norm."""
+    model = make_model(policy, max_grad_norm=0.5, max_grad_norm_vf=7.0)
+    actor, critic = model.actor_critic_parameters()
+    assert {id(p) for p in actor}.isdisjoint(id(p) for p in critic)
+    assert len(actor) + len(critic) == len(list(model.policy.parameters()))
+    norms = []
+    original = th.nn.utils.clip_grad_norm_
+
+    def recording(parameters, max_norm, *args, **kwargs):
+        parameters = list(parameters)
+        total = original(parameters, max_norm, *args, **kwargs)
+        after = th.norm(th.stack([p.grad.norm() for p in parameters if p.grad is not None]))
+        norms.append((len(parameters), max_norm, float(total), float(after)))
+        return total
+
+    monkeypatch.setattr(th.nn.utils, "clip_grad_norm_", recording)
+    model.learn(total_timesteps=32)
+    assert norms, "no gradient step was clipped"
+    actor_norms = [n for n in norms if n[0] == len(actor)]
+    critic_norms = [n for n in norms if n[0] == len(critic)]
+    assert len(actor_norms) == len(critic_norms) == len(norms) // 2
+    assert all(limit == 0.5 and after <= 0.5 + 1e-4 for _, limit, _, after in actor_norms)
+    assert all(limit == 7.0 and after <= 7.0 + 1e-3 for _, limit, _, after in critic_norms)
+    # on raw Pendulum rewards the critic's gradient is far larger than the actor's clip: one joint clip would have
+    # scaled the actor's step by the critic's norm
+    assert max(total for _, _, total, _ in critic_norms) > 7.0

@@ -126,11 +126,16 @@ def test_train_with_dataset_writes_report_and_pretrained_model(tmp_path, capsys)
     sizes = ["denoiser_hidden_sizes=(16, 16)", "value_net_arch=(16, 16)", "n_diffusion_steps=6", "n_sampling_steps=3"]
     out = tmp_path / "runs" / "pendulum"
     args = ["train", "--env", "Pendulum-v1", "--dataset", str(path), "--online-steps", "64", "--out", str(out)]
-    assert main([*args, "--offline", *offline, *sizes, *TINY_ONLINE, *QUIET]) == 0
+    # --verbose 1 without progress bars: one line per offline stage, for logs
+    assert main([*args, "--offline", *offline, *sizes, *TINY_ONLINE, "--no-progress", "--stage-scores"]) == 0
     printed = capsys.readouterr().out
     assert "chosen by offline policy evaluation" in printed and "after offline" in printed and "after online" in printed
+    for stage in ("behavior", "iql", "dynamics", "members", "offline_ppo"):
+        assert f"[offline] {stage}" in printed, stage
+    assert "per-stage real scores" in printed and "<- chosen" in printed
     report = json.loads(out.with_suffix(".json").read_text())
     assert report["offline_report"]["chosen_member"] in (0, 1)
-    assert set(report["evaluation"]) == {"after_offline", "after_online"} and report["online_env_steps"] == 64
+    assert [row["stage"] for row in report["stage_scores"]["stages"]].count("offline_ppo") == 2
+    assert set(report["evaluation"]) == {"after_offline", "after_offline_stochastic", "after_online", "after_online_stochastic"} and report["online_env_steps"] == 64
     model = UEPO.load(out.with_suffix(".zip"))
     assert model.pretrained and model.policy.net_arch == [16, 16]

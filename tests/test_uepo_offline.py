@@ -253,3 +253,58 @@ def test_mlp_policy_normalises_observations_once_on_every_path():
     with th.no_grad():  # and it is really normalised: the identity statistics give a different output
         model.policy.set_observation_statistics(np.zeros(3), np.ones(3))
         assert not th.allclose(model.policy.get_distribution(obs).distribution.mean, mean_forward)
+
+
+def test_dataset_given_defaults_are_the_fine_tuning_settings_and_explicit_arguments_win():
+    from sb3_uepo.uepo.defaults import FINE_TUNING_DEFAULTS, PPO_DEFAULTS
+
+    env = make_vec_env("Pendulum-v1", n_envs=4)
+    tuned = UEPO("DiffusionPolicy", env, dataset=pendulum_dataset(), preset="quick", offline_kwargs=dict(TINY_OFFLINE))
+    assert tuned.learning_rate == FINE_TUNING_DEFAULTS["learning_rate"]
+    assert tuned.clip_range(1.0) == FINE_TUNING_DEFAULTS["clip_range"]
+    assert tuned.n_steps * env.num_envs == FINE_TUNING_DEFAULTS["n_steps"]  # ~2048 env steps per update
+    assert (tuned.batch_size, tuned.n_epochs) == (FINE_TUNING_DEFAULTS["batch_size"], FINE_TUNING_DEFAULTS["n_epochs"])
+    assert tuned.kl_ref_coef == FINE_TUNING_DEFAULTS["kl_ref_coef"] > 0
+    assert tuned.value_warmup_iters == FINE_TUNING_DEFAULTS["value_warmup_iters"] > 0
+    assert tuned.policy.value_lr_scale == 10.0
+
+    scratch = UEPO("DiffusionPolicy", env)
+    assert (scratch.learning_rate, scratch.clip_range(1.0), scratch.n_steps) == (3e-4, 0.2, PPO_DEFAULTS["n_steps"])
+    assert (scratch.kl_ref_coef, scratch.value_warmup_iters, scratch.policy.value_lr_scale) == (0.0, 0, 1.0)
+
+    explicit = UEPO(
+        "DiffusionPolicy",
+        env,
+        dataset=pendulum_dataset(),
+        preset="quick",
+        offline_kwargs=dict(TINY_OFFLINE),
+        learning_rate=1e-3,
+        clip_range=0.3,
+        kl_ref_coef=0.0,
+        policy_kwargs=dict(value_lr_scale=2.0),
+    )
+    assert (explicit.learning_rate, explicit.clip_range(1.0), explicit.kl_ref_coef) == (1e-3, 0.3, 0.0)
+    assert explicit.policy.value_lr_scale == 2.0
+    assert explicit.n_epochs == FINE_TUNING_DEFAULTS["n_epochs"]  # the others stay "auto"
+
+
+def test_stage_scores_cover_every_stage_and_leave_the_chosen_member_loaded():
+    from sb3_uepo.common.evaluation import score_offline_stages
+
+    dataset = pendulum_dataset()
+    model = diffusion_model(dataset)
+    result = pipeline_pretrain(dataset, model.observation_space, model.action_space, model.offline_config(), progress_bar=False)
+    model.load_offline_result(result)
+    before = {k: v.clone() for k, v in model.policy.state_dict().items()}
+    report = score_offline_stages(model, result, "Pendulum-v1", n_episodes=1, seed=0)
+    stages = [(row["stage"], row["member"]) for row in report["stages"]]
+    assert stages == [("behavior", None), ("members", 0), ("members", 1), ("offline_ppo", 0), ("offline_ppo", 1)]
+    for row in report["stages"]:
+        assert row["deterministic"]["n_episodes"] == 1 and row["stochastic"]["n_episodes"] == 1
+    for key, value in model.policy.state_dict().items():
+        assert th.equal(value, before[key]), key
+    # the chosen member's weights are the result's member of that index
+    for key, value in result.member_state_dicts[result.chosen_member].items():
+        assert th.equal(result.policy_state_dict[key], value)
+    # a member with zero initial noise acts deterministically like the DDIM path from x_0 = 0
+    assert th.equal(model.policy.deterministic_noise, th.zeros(1))

@@ -143,7 +143,15 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     train.add_argument("--device", default="auto", help="torch device (default: auto, i.e. cuda when available)")
     train.add_argument("--threads", type=int, default=1, metavar="N", help=THREADS_HELP)
     train.add_argument("--verbose", type=int, default=1, choices=(0, 1, 2), help="SB3 verbosity (default: 1)")
-    train.add_argument("--no-progress", action="store_true", help="no progress bars (for logs and CI)")
+    train.add_argument(
+        "--no-progress", action="store_true", help="no progress bars (for logs and CI; one line per offline stage stays)"
+    )
+    train.add_argument(
+        "--stage-scores",
+        action="store_true",
+        help="after pretraining, also score every offline stage in the real env (behaviour model, every member before "
+        "and after offline PPO next to its OPE score); reporting only, the choice was made offline",
+    )
     train.set_defaults(func=run_train)
 
     evaluate = subparsers.add_parser(
@@ -198,7 +206,7 @@ def run_train(args: argparse.Namespace) -> int:
     from stable_baselines3.common.env_util import make_vec_env
 
     from sb3_uepo.common.datasets import DEFAULT_DATASET, DatasetError, load_dataset
-    from sb3_uepo.common.evaluation import EVAL_SEED_OFFSET, evaluate
+    from sb3_uepo.common.evaluation import EVAL_SEED_OFFSET, MODES, evaluate, evaluate_modes, score_offline_stages
     from sb3_uepo.common.io import atomic_path, write_json
 
     try:
@@ -274,7 +282,7 @@ def run_train(args: argparse.Namespace) -> int:
     if dataset is not None:
         _section("Offline pretraining")
         offline_start = time.perf_counter()
-        offline_report = model.pretrain()
+        offline_report = model.pretrain(progress_bar=not args.no_progress and _has_progress_bar())
         report["wall_s"]["offline"] = time.perf_counter() - offline_start
         report["offline_report"] = report_to_dict(offline_report)
         print(f"offline pretraining done in {_duration(report['wall_s']['offline'])}")
@@ -282,10 +290,20 @@ def run_train(args: argparse.Namespace) -> int:
         if chosen:
             print(chosen)
         # Reporting only: the member was chosen by offline policy evaluation, before and without this evaluation.
-        result = evaluate(model, env_id, args.eval_episodes, True, seed=eval_seed, dataset=dataset)
-        report["evaluation"]["after_offline"] = result.to_dict()
-        report["wall_s"]["eval_after_offline"] = result.wall_s
-        print(f"after offline (real env, reporting only): {result.summary()}")
+        evaluations = evaluate_modes(model, env_id, MODES, n_episodes=args.eval_episodes, seed=eval_seed, dataset=dataset)
+        report["evaluation"]["after_offline"] = evaluations["deterministic"].to_dict()
+        report["evaluation"]["after_offline_stochastic"] = evaluations["stochastic"].to_dict()
+        report["wall_s"]["eval_after_offline"] = sum(e.wall_s for e in evaluations.values())
+        for evaluation in evaluations.values():
+            print(f"after offline (real env, reporting only): {evaluation.summary()}")
+        if args.stage_scores and model.offline_result is not None:
+            stage_start = time.perf_counter()
+            stages = score_offline_stages(
+                model, model.offline_result, env_id, n_episodes=args.eval_episodes, seed=eval_seed, dataset=dataset
+            )
+            report["stage_scores"] = stages
+            report["wall_s"]["stage_scores"] = time.perf_counter() - stage_start
+            print(format_stage_scores(stages))
 
     if online_steps > 0:
         _section("Online fine-tuning")
@@ -298,10 +316,12 @@ def run_train(args: argparse.Namespace) -> int:
         report["wall_s"]["online"] = time.perf_counter() - online_start
         report["online_env_steps"] = int(model.num_timesteps)
         print(f"online fine-tuning done in {_duration(report['wall_s']['online'])} ({model.num_timesteps:,} env steps)")
-        result = evaluate(model, env_id, args.eval_episodes, True, seed=eval_seed, dataset=dataset)
-        report["evaluation"]["after_online"] = result.to_dict()
-        report["wall_s"]["eval_after_online"] = result.wall_s
-        print(f"after online:  {result.summary()}")
+        evaluations = evaluate_modes(model, env_id, MODES, n_episodes=args.eval_episodes, seed=eval_seed, dataset=dataset)
+        report["evaluation"]["after_online"] = evaluations["deterministic"].to_dict()
+        report["evaluation"]["after_online_stochastic"] = evaluations["stochastic"].to_dict()
+        report["wall_s"]["eval_after_online"] = sum(e.wall_s for e in evaluations.values())
+        for evaluation in evaluations.values():
+            print(f"after online:  {evaluation.summary()}")
     env.close()
 
     with atomic_path(model_path, suffix=".zip") as tmp:
@@ -310,7 +330,12 @@ def run_train(args: argparse.Namespace) -> int:
     report["machine"] = _machine()
     write_json(report_path, report)
     _section("Summary")
-    for phase, label in (("after_offline", "after offline"), ("after_online", "after online ")):
+    for phase, label in (
+        ("after_offline", "after offline (deterministic)"),
+        ("after_offline_stochastic", "after offline (stochastic)   "),
+        ("after_online", "after online (deterministic) "),
+        ("after_online_stochastic", "after online (stochastic)    "),
+    ):
         if phase in report["evaluation"]:
             score = report["evaluation"][phase]["normalized_mean"]
             value = (
@@ -377,6 +402,26 @@ def _describe_choice(report: dict[str, Any]) -> str:
     if report.get("chosen_reason"):
         text += f"\n  {report['chosen_reason']}"
     return text
+
+
+def format_stage_scores(stages: dict[str, Any]) -> str:
+    """The per-stage real scores of :func:`~sb3_uepo.common.evaluation.score_offline_stages` as a small table."""
+    lines = ["per-stage real scores (normalised; reporting only)", "  stage        member  OPE (norm.)  deterministic  stochastic"]
+    for row in stages["stages"]:
+        ope = row.get("ope_normalized")
+        cells = [_score_cell(row.get(mode, {})) for mode in ("deterministic", "stochastic")]
+        member = "-" if row["member"] is None else str(row["member"])
+        chosen = "  <- chosen" if row["stage"] == "offline_ppo" and row["member"] == stages["chosen_member"] else ""
+        ope_cell = "-" if ope is None else f"{ope:.1f}"
+        lines.append(f"  {row['stage']:<12} {member:>6}  {ope_cell:>11}  {cells[0]:>13}  {cells[1]:>10}{chosen}")
+    if stages.get("regret") is not None:
+        lines.append(f"  regret of the OPE choice {stages['regret']:.1f} (a random choice: {stages['random_choice_regret']:.1f})")
+    return "\n".join(lines)
+
+
+def _score_cell(evaluation: dict[str, Any]) -> str:
+    value = evaluation.get("normalized_mean")
+    return "-" if value is None else f"{value:.1f}"
 
 
 def _dataset_score(env_id: str, ret: float, dataset: Any) -> str:

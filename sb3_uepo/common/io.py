@@ -9,6 +9,7 @@ import contextlib
 import json
 import os
 import shutil
+import sys
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -76,3 +77,63 @@ def _json_default(obj: Any) -> Any:
     if isinstance(obj, type):  # e.g. an activation class in policy_kwargs
         return f"{obj.__module__}.{obj.__qualname__}"
     raise TypeError(f"Object of type {type(obj).__name__} is not JSON serialisable")
+
+
+class LockedError(RuntimeError):
+    """Another live process holds the lock of an output path."""
+
+
+@contextlib.contextmanager
+def output_lock(path: str | os.PathLike, what: str = "output") -> Iterator[Path]:
+    """Hold ``<path>.lock`` for the duration of the block, so that two runs never write the same output.
+
+    The lock file holds the owner's pid and command line. A second run fails at once with :class:`LockedError`
+    naming the running one; a lock left by a dead process (killed, crashed) is taken over.
+
+    :param path: the output path the lock guards (a file path without extension, or a directory)
+    :param what: what the path is, for the error message (``"--out"``, ``"pretrain_dir"``)
+    """
+    lock = Path(str(path) + ".lock")
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    owner = f"{os.getpid()}\n{' '.join(sys.argv)}\n"
+    for _attempt in range(2):
+        try:
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            pid, command = _lock_owner(lock)
+            if pid is not None and pid != os.getpid() and _alive(pid):
+                raise LockedError(
+                    f"{what} '{path}' is in use by a running process (pid {pid}: {command or '?'}); wait for it to "
+                    f"finish, stop it, or choose another {what}"
+                ) from None
+            lock.unlink(missing_ok=True)  # stale: its owner is gone
+            continue
+        with os.fdopen(fd, "w") as handle:
+            handle.write(owner)
+        break
+    else:
+        raise LockedError(f"could not take the lock {lock}: another process keeps creating it")
+    try:
+        yield lock
+    finally:
+        with contextlib.suppress(OSError):
+            if _lock_owner(lock)[0] == os.getpid():
+                lock.unlink()
+
+
+def _lock_owner(lock: Path) -> tuple[int | None, str]:
+    try:
+        lines = lock.read_text().splitlines()
+        return int(lines[0]), (lines[1] if len(lines) > 1 else "")
+    except (OSError, ValueError, IndexError):
+        return None, ""
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

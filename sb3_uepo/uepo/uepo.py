@@ -240,6 +240,7 @@ class UEPO(OnPolicyAlgorithm):
         self.pretrain_dir = pretrain_dir
         self.pretrained = False  # set by pretrain() once the offline stages have run
         self.offline_report: dict[str, Any] | None = None  # pretrain()'s report, saved with the model
+        self.offline_result: Any = None  # pretrain()'s OfflineResult with every member (this session only, not saved)
         if dataset is not None:
             # Fail at construction on a bad preset / offline key, and let the offline settings fill the policy
             # architecture where policy_kwargs is silent (so that the offline networks load into the policy).
@@ -357,8 +358,10 @@ class UEPO(OnPolicyAlgorithm):
             progress_bar=progress_bar,
             device=self.device,
             env_id=getattr(dataset, "env_id", None) or self._env_id(),
+            verbose=self.verbose,
         )
         result = pretrainer.run()
+        self.offline_result = result
         self.load_offline_result(result)
         self.offline_report = result.to_report()
         self.pretrained = True
@@ -874,7 +877,7 @@ class UEPO(OnPolicyAlgorithm):
 
     # ------------------------------------------------------------------------------------------ save / load
     def _excluded_save_params(self) -> list[str]:
-        excluded = [*super()._excluded_save_params(), "reference_policy"]
+        excluded = [*super()._excluded_save_params(), "reference_policy", "offline_result"]
         if self.dataset is not None and not isinstance(self.dataset, (str, os.PathLike)):
             excluded.append("dataset")  # an in-memory dataset is not pickled into the model file
         return excluded

@@ -123,7 +123,12 @@ class OfflineConfig:
         return dataclasses.asdict(self)
 
     def validate(self) -> OfflineConfig:
-        """Raise ``ValueError`` with a clear message on an inconsistent value; return self."""
+        """Raise ``ValueError`` with a clear message on a value of the wrong type or an inconsistent one; return self.
+
+        Types follow the defaults: a bool field takes True/False only, an int field an integer (not 2.5, not "100"),
+        a float field any real number (stored as float), a tuple field a list or tuple of integers.
+        """
+        _check_types(self, "")
         checks: list[tuple[bool, str]] = [
             (self.n_members >= 1, f"n_members must be >= 1, got {self.n_members}"),
             (self.policy_type in POLICY_TYPES, f"policy_type must be one of {POLICY_TYPES}, got {self.policy_type!r}"),
@@ -193,6 +198,33 @@ class OfflineConfig:
     def needs_segments(self) -> bool:
         """Dataset segments of length T are needed (divergence, perturbation or sequence KL)."""
         return self.policy_type == "diffusion" and (self.use_divergence or self.use_perturbation or self.use_kl)
+
+
+def _check_types(config: Any, where: str) -> None:
+    """Check (and normalise: int -> float, list -> tuple) every field of a config dataclass against its default's type."""
+    defaults = type(config)()
+    for f in dataclasses.fields(config):
+        value, default, name = getattr(config, f.name), getattr(defaults, f.name), f"{where}{f.name}"
+        if dataclasses.is_dataclass(default):
+            if not isinstance(value, type(default)):
+                raise ValueError(f"OfflineConfig: '{name}' takes a dict of its fields, got {value!r}")
+            _check_types(value, f"{name}.")
+        elif isinstance(default, bool):
+            if not isinstance(value, bool):
+                raise ValueError(f"OfflineConfig: '{name}' must be True or False, got {value!r} ({type(value).__name__})")
+        elif isinstance(default, int):
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise ValueError(f"OfflineConfig: '{name}' must be an integer, got {value!r} ({type(value).__name__})")
+        elif isinstance(default, float):
+            if isinstance(value, bool) or not isinstance(value, int | float):
+                raise ValueError(f"OfflineConfig: '{name}' must be a number, got {value!r} ({type(value).__name__})")
+            setattr(config, f.name, float(value))
+        elif isinstance(default, tuple):
+            if not isinstance(value, list | tuple) or not all(isinstance(v, int) and not isinstance(v, bool) for v in value):
+                raise ValueError(f"OfflineConfig: '{name}' must be a list of integers, e.g. (256, 256), got {value!r}")
+            setattr(config, f.name, tuple(value))
+        elif isinstance(default, str) and not isinstance(value, str):
+            raise ValueError(f"OfflineConfig: '{name}' must be a string, got {value!r} ({type(value).__name__})")
 
 
 # ---------------------------------------------------------------------------------------------- presets

@@ -43,7 +43,7 @@ import torch
 from gymnasium import spaces
 from torch import nn
 
-from sb3_uepo.common.io import atomic_path, write_json
+from sb3_uepo.common.io import atomic_path, output_lock, write_json
 from sb3_uepo.common.offline.behavior import fit_behavior_model, make_denoiser, make_sampler
 from sb3_uepo.common.offline.config import OfflineConfig, log_values, resolve_offline_config
 from sb3_uepo.common.offline.divergence import SegmentSampler, pairwise_divergence
@@ -252,6 +252,8 @@ class OfflinePretrainer:
     :param env_id: task id for the model-rollout termination rule (default: ``dataset.env_id``)
     :param termination_fn: custom termination rule on normalised observations (overrides ``env_id``)
     :param resume: continue from ``checkpoint_dir``'s completed stages (False: start over and overwrite)
+    :param verbose: 1 prints one line per stage (name, steps, seconds, its key metric) and what a rerun resumed from,
+        so that a long run can be followed in a log; 0 prints nothing
     """
 
     def __init__(
@@ -267,8 +269,10 @@ class OfflinePretrainer:
         env_id: str | None = None,
         termination_fn: Callable[[torch.Tensor], torch.Tensor] | None = None,
         resume: bool = True,
+        verbose: int = 0,
     ) -> None:
         self.config = config if isinstance(config, OfflineConfig) else resolve_offline_config(config)
+        self.verbose = verbose
         self.config.validate()
         self.dataset = dataset
         self.observation_space = _box(observation_space, "observation")
@@ -360,7 +364,15 @@ class OfflinePretrainer:
     def _load_progress(self) -> None:
         if self.checkpoint_dir is None or not self.resume or not self._path("progress.json").is_file():
             return
-        progress = json.loads(self._path("progress.json").read_text())
+        try:
+            progress = json.loads(self._path("progress.json").read_text())
+            if not isinstance(progress, dict):
+                raise ValueError("not a JSON object")
+        except (OSError, ValueError) as exc:
+            warnings.warn(
+                f"{self._path('progress.json')} is unreadable ({exc}); every stage is recomputed", stacklevel=3
+            )
+            return
         if progress.get("fingerprint") != self.fingerprint:
             raise ValueError(
                 f"Checkpoint directory '{self.checkpoint_dir}' holds an offline run with a different config or dataset "
@@ -401,14 +413,35 @@ class OfflinePretrainer:
 
     # ------------------------------------------------------------------------------------------ run
     def run(self) -> OfflineResult:
-        """Run (or resume) every stage and return the :class:`OfflineResult`."""
+        """Run (or resume) every stage and return the :class:`OfflineResult`. With a checkpoint directory, it is
+        locked for the run: a second run on it fails at once (:class:`~sb3_uepo.common.io.LockedError`)."""
+        if self.checkpoint_dir is None:
+            return self._run()
+        self.checkpoint_dir.mkdir(parents=True, exist_ok=True)
+        with output_lock(self.checkpoint_dir, "checkpoint directory"):
+            return self._run()
+
+    def _run(self) -> OfflineResult:
         self._load_progress()
-        if self.checkpoint_dir is not None:
-            self.checkpoint_dir.mkdir(parents=True, exist_ok=True)
+        restored: list[str] = []
+        computing = False  # a stage has been (re)computed in this run
         for name in STAGES:
             if name in self.completed:
-                self.outputs[name] = self._restore(name)
-                continue
+                try:
+                    self.outputs[name] = self._restore(name)
+                    restored.append(name)
+                    continue
+                except Exception as exc:  # a truncated or foreign file: recompute this stage and every later one
+                    warnings.warn(
+                        f"the checkpoint of stage '{name}' in {self.checkpoint_dir} is unreadable "
+                        f"({type(exc).__name__}: {exc}); stage '{name}' and the later ones are recomputed",
+                        stacklevel=2,
+                    )
+                    self.completed = self.completed[: self.completed.index(name)]
+                    self._say(f"checkpoint of stage {name} unreadable: recomputing from it")
+            if restored and not computing:
+                self._say(f"resuming from stage {name} ({', '.join(restored)} restored from {self.checkpoint_dir})")
+            computing = True
             start = time.time()
             with torch.random.fork_rng(devices=[]):  # every stage seeded on its own: resumed runs draw the same numbers
                 torch.manual_seed(self.config.seed + 1000 * (STAGES.index(name) + 1))
@@ -419,7 +452,14 @@ class OfflinePretrainer:
             self.outputs[name] = output
             self._save_stage(name, payload)
             log_values(self.logger, f"offline/{name}", {"seconds": self.seconds[name]}, 0)
+            self._say(stage_summary(name, self.reports[name]))
+        if not computing and restored:
+            self._say(f"every stage restored from {self.checkpoint_dir}")
         return self._result()
+
+    def _say(self, line: str) -> None:
+        if self.verbose >= 1:
+            print(f"[offline] {line}", flush=True)
 
     def _restore(self, name: str) -> Any:
         payload = self._load_stage(name)
@@ -590,7 +630,13 @@ class OfflinePretrainer:
         )
         partial = self._path("stage_offline_ppo.partial.pt") if self.checkpoint_dir is not None else None
         if partial is not None and self.resume and partial.is_file():
-            improvement.load_state_dict(torch.load(partial, map_location=self.device, weights_only=False))
+            try:
+                saved = torch.load(partial, map_location=self.device, weights_only=False)
+            except Exception as exc:  # truncated or foreign: this stage starts over
+                warnings.warn(f"{partial} is unreadable ({type(exc).__name__}: {exc}); offline PPO starts over", stacklevel=2)
+            else:
+                improvement.load_state_dict(saved)
+                self._say(f"offline_ppo resumes at step {improvement.step_count} of {cfg.ppo_steps}")
 
         def checkpoint(imp: OfflinePolicyImprovement) -> None:
             if partial is not None:
@@ -691,6 +737,37 @@ class OfflinePretrainer:
         )
         log_values(self.logger, "offline/select", dict(chosen_member=float(index)), 0)
         return result
+
+
+def stage_summary(name: str, report: dict[str, Any]) -> str:
+    """One log line of a finished stage: its name, steps, seconds and its key metric."""
+    if report.get("skipped"):
+        return f"{name:<11} skipped: {report['skipped']}"
+    parts = [f"{name:<11}", f"{report.get('seconds', 0.0):6.1f} s"]
+    if "steps" in report:
+        parts.append(f"{report['steps']} steps")
+    if name == "behavior":
+        parts.append(f"denoising loss {report.get('final_loss', float('nan')):.4f}")
+    elif name == "iql":
+        parts.append(f"V loss {report.get('final_value_loss', float('nan')):.4f}, Q loss {report.get('final_q_loss', float('nan')):.4f}")
+    elif name == "dynamics":
+        model = report.get("augmented") if isinstance(report.get("augmented"), dict) else report.get("real_only", {})
+        parts.append(f"elite holdout MSE {model.get('elite_holdout_mse', float('nan')):.4f}")
+        if isinstance(report.get("augmentation"), dict):
+            aug = report["augmentation"]
+            parts.append(f"synthetic kept {aug.get('n_kept', 0)} of {aug.get('n_generated', 0)}")
+    elif name == "members":
+        if "initial_divergence_mean" in report:
+            parts.append(f"initial divergence {report['initial_divergence_mean']:.3f}")
+        if "final_nll" in report:
+            parts.append(f"BC NLL {_short_list(report['final_nll'])}")
+    elif name == "offline_ppo":
+        parts.append(f"chosen member {report.get('chosen_member')}, best OPE {_short_list(report.get('best_ope_scores'))}")
+    return ", ".join(parts[:2]) + (": " + ", ".join(parts[2:]) if len(parts) > 2 else "")
+
+
+def _short_list(values: Any) -> str:
+    return "-" if not values else "[" + ", ".join(f"{float(v):.1f}" for v in values) + "]"
 
 
 def pretrain(
