@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import subprocess
 import sys
 import time
@@ -130,7 +129,9 @@ def per_method_scores(data: dict, name: str, row: str, mode: str) -> list[float]
 def table(data: dict, datasets: list[str]) -> str:
     from sb3_uepo.benchmark.stats import bootstrap_ci
 
-    header = "| dataset | data | " + " | ".join(f"{r} det / stoch" for r in ROWS) + " | OPE (chosen) vs real | regret (random) |"
+    header = (
+        "| dataset | data | " + " | ".join(f"{r} det / stoch" for r in ROWS) + " | OPE (chosen) vs real | regret (random) |"
+    )
     lines = [header, "|" + "---|" * (len(ROWS) + 4)]
     for name in datasets:
         cells = []

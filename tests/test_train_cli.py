@@ -136,6 +136,9 @@ def test_train_with_dataset_writes_report_and_pretrained_model(tmp_path, capsys)
     report = json.loads(out.with_suffix(".json").read_text())
     assert report["offline_report"]["chosen_member"] in (0, 1)
     assert [row["stage"] for row in report["stage_scores"]["stages"]].count("offline_ppo") == 2
-    assert set(report["evaluation"]) == {"after_offline", "after_offline_stochastic", "after_online", "after_online_stochastic"} and report["online_env_steps"] == 64
+    assert (
+        set(report["evaluation"]) == {"after_offline", "after_offline_stochastic", "after_online", "after_online_stochastic"}
+        and report["online_env_steps"] == 64
+    )
     model = UEPO.load(out.with_suffix(".zip"))
     assert model.pretrained and model.policy.net_arch == [16, 16]

@@ -293,7 +293,9 @@ def test_stage_scores_cover_every_stage_and_leave_the_chosen_member_loaded():
 
     dataset = pendulum_dataset()
     model = diffusion_model(dataset)
-    result = pipeline_pretrain(dataset, model.observation_space, model.action_space, model.offline_config(), progress_bar=False)
+    result = pipeline_pretrain(
+        dataset, model.observation_space, model.action_space, model.offline_config(), progress_bar=False
+    )
     model.load_offline_result(result)
     before = {k: v.clone() for k, v in model.policy.state_dict().items()}
     report = score_offline_stages(model, result, "Pendulum-v1", n_episodes=1, seed=0)

@@ -12,11 +12,15 @@ from __future__ import annotations
 
 import argparse
 import ast
+import contextlib
 import json
 import os
+import shutil
+import signal
 import sys
 import time
 import zipfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +36,7 @@ THREADS_HELP = (
     "torch CPU threads (default: 1; small networks are fastest single-threaded, and several threads on a busy CPU "
     "make every predict() call several times slower)"
 )
+
 
 def budget_preset(preset: str | None) -> str:
     """The budget part of a preset name: ``"quick+uni_o4"`` -> ``"quick"``, ``"uni_o4"`` -> ``"default"``."""
@@ -147,6 +152,18 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         "--no-progress", action="store_true", help="no progress bars (for logs and CI; one line per offline stage stays)"
     )
     train.add_argument(
+        "--restart",
+        action="store_true",
+        help="discard the offline stage checkpoints of an earlier run on this --out (PATH_offline/) and start over",
+    )
+    train.add_argument(
+        "--checkpoint-every",
+        type=int,
+        default=10_000,
+        metavar="N",
+        help="save the model (PATH.zip, atomically) every N online env steps (default: 10000; 0: only at the end)",
+    )
+    train.add_argument(
         "--stage-scores",
         action="store_true",
         help="after pretraining, also score every offline stage in the real env (behaviour model, every member before "
@@ -194,26 +211,74 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 # --- uepo train ---------------------------------------------------------------------------------------------------
 
 
+def validate_train_args(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Check every argument of ``uepo train`` before any work starts; raise ``ValueError`` naming the fix.
+
+    :return: the parsed ``--offline`` and ``--param`` assignments
+    """
+    for name, value, low in (
+        ("--online-steps", args.online_steps, 0),
+        ("--n-envs", args.n_envs, 1),
+        ("--threads", args.threads, 1),
+        ("--seed", args.seed, 0),
+        ("--eval-episodes", args.eval_episodes, 0),
+        ("--checkpoint-every", args.checkpoint_every, 0),
+    ):
+        if value is not None and value < low:
+            raise ValueError(f"{name} must be >= {low}, got {value}")
+    if args.env is not None:
+        check_env_id(args.env)
+    offline_kwargs = parse_assignments(args.offline, "--offline")
+    params = parse_assignments(args.param, "--param")
+    check_constructor_params(params)
+    from sb3_uepo.common.offline.config import resolve_offline_config
+
+    resolve_offline_config(args.preset, offline_kwargs)  # unknown preset or key, wrong type or range
+    return offline_kwargs, params
+
+
+def check_env_id(env_id: str) -> None:
+    """Raise ``ValueError`` when ``env_id`` is not a registered gymnasium environment."""
+    import gymnasium as gym
+
+    try:
+        gym.spec(env_id)
+    except gym.error.Error as exc:
+        raise ValueError(f"unknown environment {env_id!r} ({exc}); pass a registered gymnasium id, e.g. Hopper-v5") from None
+
+
+# UEPO constructor arguments that `uepo train` sets itself (through its own options), not through --param
+TRAIN_OWNED_PARAMS = ("policy", "env", "dataset", "preset", "offline_kwargs", "seed", "device", "verbose", "tensorboard_log")
+
+
+def check_constructor_params(params: dict[str, Any]) -> None:
+    """Raise ``ValueError`` for a ``--param`` that is not a UEPO constructor argument (or that an option owns)."""
+    import difflib
+    import inspect
+
+    from sb3_uepo.uepo.uepo import UEPO
+
+    accepted = [p for p in inspect.signature(UEPO.__init__).parameters if p not in ("self", "_init_setup_model")]
+    for key in params:
+        if key in TRAIN_OWNED_PARAMS:
+            raise ValueError(f"--param {key}=... is set by its own option (e.g. --{key.replace('_', '-')}), not by --param")
+        if key not in accepted:
+            close = difflib.get_close_matches(key, accepted, n=3)
+            hint = f" Did you mean {', '.join(close)}?" if close else ""
+            raise ValueError(f"--param {key}: not a UEPO argument.{hint} See `python -c 'help(sb3_uepo.UEPO)'`")
+
+
 def run_train(args: argparse.Namespace) -> int:
     try:
-        offline_kwargs = parse_assignments(args.offline, "--offline")
-        params = parse_assignments(args.param, "--param")
+        offline_kwargs, params = validate_train_args(args)
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
 
     import torch
-    from stable_baselines3.common.env_util import make_vec_env
 
     from sb3_uepo.common.datasets import DEFAULT_DATASET, DatasetError, load_dataset
-    from sb3_uepo.common.evaluation import EVAL_SEED_OFFSET, MODES, evaluate, evaluate_modes, score_offline_stages
-    from sb3_uepo.common.io import atomic_path, write_json
-
-    try:
-        from sb3_uepo.uepo import UEPO
-    except ImportError as exc:
-        print(f"error: the UEPO algorithm is not available in this build ({exc})", file=sys.stderr)
-        return 1
+    from sb3_uepo.common.io import LockedError, output_lock
 
     torch.set_num_threads(args.threads)
     start = time.perf_counter()
@@ -225,11 +290,54 @@ def run_train(args: argparse.Namespace) -> int:
         except DatasetError as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 2
-    env_id = args.env or (dataset.env_id if dataset is not None and dataset.env_id else FALLBACK_ENV)
+    if dataset is not None and not args.env and not dataset.env_id:
+        print(
+            f"error: dataset '{dataset.name}' does not name its environment; pass --env ENV_ID (e.g. --env Walker2d-v5) "
+            "so that shapes are checked and scores use the right reference returns",
+            file=sys.stderr,
+        )
+        return 2
+    env_id = args.env or (dataset.env_id if dataset is not None else FALLBACK_ENV)
+    if dataset is not None and not args.env:
+        try:
+            check_env_id(env_id)
+        except ValueError as exc:
+            print(f"error: the dataset's {exc}; pass --env ENV_ID", file=sys.stderr)
+            return 2
     policy = args.policy or default_policy(args.preset)
     online_steps = DEFAULT_ONLINE_STEPS[budget_preset(args.preset)] if args.online_steps is None else args.online_steps
     out = default_out(env_id) if args.out is None else Path(args.out.removesuffix(".zip"))
+    try:
+        with output_lock(out, "--out"), sigterm_as_keyboard_interrupt():
+            return _train(args, dataset, env_id, policy, online_steps, out, offline_kwargs, params, start)
+    except LockedError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+def _train(
+    args: argparse.Namespace,
+    dataset: Any,
+    env_id: str,
+    policy: str,
+    online_steps: int,
+    out: Path,
+    offline_kwargs: dict[str, Any],
+    params: dict[str, Any],
+    start: float,
+) -> int:
+    """The body of ``uepo train`` once the arguments are checked and ``--out`` is locked."""
+    from stable_baselines3.common.env_util import make_vec_env
+
+    from sb3_uepo.common.callbacks import PeriodicCheckpoint
+    from sb3_uepo.common.evaluation import EVAL_SEED_OFFSET, score_offline_stages
+    from sb3_uepo.common.io import atomic_path, write_json
+    from sb3_uepo.uepo import UEPO
+
     model_path, report_path = out.with_name(out.name + ".zip"), out.with_name(out.name + ".json")
+    pretrain_dir = out.with_name(out.name + "_offline")
+    if args.restart and pretrain_dir.exists():
+        shutil.rmtree(pretrain_dir)
 
     _section(f"UEPO on {env_id}")
     if dataset is not None:
@@ -242,6 +350,8 @@ def run_train(args: argparse.Namespace) -> int:
         print("dataset   none: online learning from scratch")
     print(f"preset    {args.preset}   policy {policy}   online steps {online_steps:,}   seed {args.seed}")
     print(f"output    {model_path}  {report_path}")
+    if dataset is not None:
+        print(f"offline checkpoints {pretrain_dir}/ (a rerun of this command resumes from them)")
 
     n_envs = args.n_envs
     env = make_vec_env(env_id, n_envs=n_envs, seed=args.seed)
@@ -253,6 +363,7 @@ def run_train(args: argparse.Namespace) -> int:
         "verbose": args.verbose,
         "device": args.device,
         "tensorboard_log": str(out.with_name(out.name + "_tb")) if args.tensorboard else None,
+        **({"pretrain_dir": str(pretrain_dir)} if dataset is not None else {}),
         **params,
     }
     if offline_kwargs:
@@ -273,7 +384,7 @@ def run_train(args: argparse.Namespace) -> int:
         "n_envs": n_envs,
         "online_steps": online_steps,
         "offline_kwargs": offline_kwargs,
-        "params": {k: v for k, v in constructor.items() if k not in ("dataset", "tensorboard_log")},
+        "params": {k: v for k, v in constructor.items() if k not in ("dataset", "tensorboard_log", "pretrain_dir")},
         "model_path": str(model_path),
         "evaluation": {},
         "wall_s": {},
@@ -282,20 +393,27 @@ def run_train(args: argparse.Namespace) -> int:
     if dataset is not None:
         _section("Offline pretraining")
         offline_start = time.perf_counter()
-        offline_report = model.pretrain(progress_bar=not args.no_progress and _has_progress_bar())
+        try:
+            offline_report = model.pretrain(progress_bar=not args.no_progress and _has_progress_bar())
+        except KeyboardInterrupt:
+            print(
+                f"\ninterrupted during offline pretraining: the finished stages are kept in {pretrain_dir}/; "
+                "rerun the same command to resume",
+                file=sys.stderr,
+            )
+            return 130
+        except ValueError as exc:  # checkpoints of another config or dataset under this --out
+            print(f"error: {exc}\n  (rerun with --restart to discard them, or choose another --out)", file=sys.stderr)
+            return 2
         report["wall_s"]["offline"] = time.perf_counter() - offline_start
         report["offline_report"] = report_to_dict(offline_report)
         print(f"offline pretraining done in {_duration(report['wall_s']['offline'])}")
         chosen = _describe_choice(report["offline_report"])
         if chosen:
             print(chosen)
+    if dataset is not None and args.eval_episodes > 0:
         # Reporting only: the member was chosen by offline policy evaluation, before and without this evaluation.
-        evaluations = evaluate_modes(model, env_id, MODES, n_episodes=args.eval_episodes, seed=eval_seed, dataset=dataset)
-        report["evaluation"]["after_offline"] = evaluations["deterministic"].to_dict()
-        report["evaluation"]["after_offline_stochastic"] = evaluations["stochastic"].to_dict()
-        report["wall_s"]["eval_after_offline"] = sum(e.wall_s for e in evaluations.values())
-        for evaluation in evaluations.values():
-            print(f"after offline (real env, reporting only): {evaluation.summary()}")
+        _evaluate_into(report, "after_offline", model, env_id, args.eval_episodes, eval_seed, dataset)
         if args.stage_scores and model.offline_result is not None:
             stage_start = time.perf_counter()
             stages = score_offline_stages(
@@ -308,20 +426,17 @@ def run_train(args: argparse.Namespace) -> int:
     if online_steps > 0:
         _section("Online fine-tuning")
         online_start = time.perf_counter()
+        checkpoint = PeriodicCheckpoint(model_path, args.checkpoint_every)
         try:
-            model.learn(online_steps, progress_bar=not args.no_progress and _has_progress_bar())
+            model.learn(online_steps, callback=checkpoint, progress_bar=not args.no_progress and _has_progress_bar())
         except KeyboardInterrupt:  # keep what was learned: evaluate and save the model as it is
             report["interrupted"] = True
             print(f"\ninterrupted after {model.num_timesteps:,} online env steps: evaluating and saving the model as it is")
         report["wall_s"]["online"] = time.perf_counter() - online_start
         report["online_env_steps"] = int(model.num_timesteps)
         print(f"online fine-tuning done in {_duration(report['wall_s']['online'])} ({model.num_timesteps:,} env steps)")
-        evaluations = evaluate_modes(model, env_id, MODES, n_episodes=args.eval_episodes, seed=eval_seed, dataset=dataset)
-        report["evaluation"]["after_online"] = evaluations["deterministic"].to_dict()
-        report["evaluation"]["after_online_stochastic"] = evaluations["stochastic"].to_dict()
-        report["wall_s"]["eval_after_online"] = sum(e.wall_s for e in evaluations.values())
-        for evaluation in evaluations.values():
-            print(f"after online:  {evaluation.summary()}")
+    if online_steps > 0 and args.eval_episodes > 0:
+        _evaluate_into(report, "after_online", model, env_id, args.eval_episodes, eval_seed, dataset)
     env.close()
 
     with atomic_path(model_path, suffix=".zip") as tmp:
@@ -329,6 +444,26 @@ def run_train(args: argparse.Namespace) -> int:
     report["wall_s"]["total"] = time.perf_counter() - start
     report["machine"] = _machine()
     write_json(report_path, report)
+    _print_summary(report, model_path, report_path)
+    return 0
+
+
+def _evaluate_into(
+    report: dict[str, Any], phase: str, model: Any, env_id: str, episodes: int, seed: int, dataset: Any
+) -> None:
+    """Evaluate deterministically and stochastically; store and print both under ``phase`` (``<phase>_stochastic``)."""
+    from sb3_uepo.common.evaluation import MODES, evaluate_modes
+
+    evaluations = evaluate_modes(model, env_id, MODES, n_episodes=episodes, seed=seed, dataset=dataset)
+    report["evaluation"][phase] = evaluations["deterministic"].to_dict()
+    report["evaluation"][f"{phase}_stochastic"] = evaluations["stochastic"].to_dict()
+    report["wall_s"][f"eval_{phase}"] = sum(e.wall_s for e in evaluations.values())
+    label = "after offline (real env, reporting only)" if phase == "after_offline" else "after online"
+    for evaluation in evaluations.values():
+        print(f"{label}: {evaluation.summary()}")
+
+
+def _print_summary(report: dict[str, Any], model_path: Path, report_path: Path) -> None:
     _section("Summary")
     for phase, label in (
         ("after_offline", "after offline (deterministic)"),
@@ -347,7 +482,25 @@ def run_train(args: argparse.Namespace) -> int:
     print(f"total time     {_duration(report['wall_s']['total'])}")
     print(f"model          {model_path}   (evaluate: uepo eval {model_path})")
     print(f"report         {report_path}")
-    return 0
+
+
+@contextlib.contextmanager
+def sigterm_as_keyboard_interrupt() -> Iterator[None]:
+    """Within the block, SIGTERM (``kill PID``, a job scheduler's stop) is handled as Ctrl-C: the run stops the same
+    way, keeping its checkpoints and saving what it learned."""
+
+    def handler(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    try:
+        previous = signal.signal(signal.SIGTERM, handler)
+    except ValueError:  # not the main thread: leave signals alone
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def default_out(env_id: str) -> Path:
@@ -406,7 +559,10 @@ def _describe_choice(report: dict[str, Any]) -> str:
 
 def format_stage_scores(stages: dict[str, Any]) -> str:
     """The per-stage real scores of :func:`~sb3_uepo.common.evaluation.score_offline_stages` as a small table."""
-    lines = ["per-stage real scores (normalised; reporting only)", "  stage        member  OPE (norm.)  deterministic  stochastic"]
+    lines = [
+        "per-stage real scores (normalised; reporting only)",
+        "  stage        member  OPE (norm.)  deterministic  stochastic",
+    ]
     for row in stages["stages"]:
         ope = row.get("ope_normalized")
         cells = [_score_cell(row.get(mode, {})) for mode in ("deterministic", "stochastic")]
@@ -415,7 +571,9 @@ def format_stage_scores(stages: dict[str, Any]) -> str:
         ope_cell = "-" if ope is None else f"{ope:.1f}"
         lines.append(f"  {row['stage']:<12} {member:>6}  {ope_cell:>11}  {cells[0]:>13}  {cells[1]:>10}{chosen}")
     if stages.get("regret") is not None:
-        lines.append(f"  regret of the OPE choice {stages['regret']:.1f} (a random choice: {stages['random_choice_regret']:.1f})")
+        lines.append(
+            f"  regret of the OPE choice {stages['regret']:.1f} (a random choice: {stages['random_choice_regret']:.1f})"
+        )
     return "\n".join(lines)
 
 

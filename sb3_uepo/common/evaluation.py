@@ -280,12 +280,20 @@ def score_offline_stages(
         for i in range(len(result.initial_member_state_dicts)):
             ope = None if result.initial_ope_scores is None else result.initial_ope_scores[i]
             rows.append(
-                dict(stage="members", member=i, ope_score=ope, ope_normalized=ope_normalized(ope), **score(result.member(i, True)))
+                dict(
+                    stage="members",
+                    member=i,
+                    ope_score=ope,
+                    ope_normalized=ope_normalized(ope),
+                    **score(result.member(i, True)),
+                )
             )
         for i in range(len(result.member_state_dicts)):
             ope = None if result.best_ope_scores is None else result.best_ope_scores[i]
             rows.append(
-                dict(stage="offline_ppo", member=i, ope_score=ope, ope_normalized=ope_normalized(ope), **score(result.member(i)))
+                dict(
+                    stage="offline_ppo", member=i, ope_score=ope, ope_normalized=ope_normalized(ope), **score(result.member(i))
+                )
             )
     finally:
         model.load_offline_result(result)

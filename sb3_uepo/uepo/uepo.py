@@ -172,7 +172,9 @@ class UEPO(OnPolicyAlgorithm):
             n_envs=getattr(env, "num_envs", 1),
             policy_kwargs=policy_kwargs,
         )
-        learning_rate, n_steps, batch_size, n_epochs = (auto[k] for k in ("learning_rate", "n_steps", "batch_size", "n_epochs"))
+        learning_rate, n_steps, batch_size, n_epochs = (
+            auto[k] for k in ("learning_rate", "n_steps", "batch_size", "n_epochs")
+        )
         clip_range, kl_ref_coef, value_warmup_iters = auto["clip_range"], auto["kl_ref_coef"], auto["value_warmup_iters"]
         super().__init__(
             policy,

@@ -369,9 +369,7 @@ class OfflinePretrainer:
             if not isinstance(progress, dict):
                 raise ValueError("not a JSON object")
         except (OSError, ValueError) as exc:
-            warnings.warn(
-                f"{self._path('progress.json')} is unreadable ({exc}); every stage is recomputed", stacklevel=3
-            )
+            warnings.warn(f"{self._path('progress.json')} is unreadable ({exc}); every stage is recomputed", stacklevel=3)
             return
         if progress.get("fingerprint") != self.fingerprint:
             raise ValueError(
@@ -749,7 +747,9 @@ def stage_summary(name: str, report: dict[str, Any]) -> str:
     if name == "behavior":
         parts.append(f"denoising loss {report.get('final_loss', float('nan')):.4f}")
     elif name == "iql":
-        parts.append(f"V loss {report.get('final_value_loss', float('nan')):.4f}, Q loss {report.get('final_q_loss', float('nan')):.4f}")
+        parts.append(
+            f"V loss {report.get('final_value_loss', float('nan')):.4f}, Q loss {report.get('final_q_loss', float('nan')):.4f}"
+        )
     elif name == "dynamics":
         model = report.get("augmented") if isinstance(report.get("augmented"), dict) else report.get("real_only", {})
         parts.append(f"elite holdout MSE {model.get('elite_holdout_mse', float('nan')):.4f}")
