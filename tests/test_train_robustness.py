@@ -124,7 +124,7 @@ def test_pretrain_dir_is_locked_too(tmp_path, pendulum_npz):
             policy_kwargs=dict(net_arch=[16, 16], value_net_arch=[16, 16], time_embed_dim=8, n_train_steps=6),
             pretrain_dir=str(tmp_path / "offline"),
         )
-        with pytest.raises(LockedError, match="checkpoint directory .* is in use"):
+        with pytest.raises(LockedError, match=r"checkpoint directory .* is in use"):
             model.pretrain()
     finally:
         owner.kill()
@@ -195,7 +195,7 @@ def test_a_corrupted_checkpoint_is_recomputed_with_a_warning(tmp_path, pendulum_
     stage = tmp_path / "run_offline" / "stage_iql.pt"
     stage.write_bytes(stage.read_bytes()[:100])  # truncated
     capsys.readouterr()
-    with pytest.warns(UserWarning, match="checkpoint of stage 'iql' .* unreadable"):
+    with pytest.warns(UserWarning, match=r"checkpoint of stage 'iql' .* unreadable"):
         assert main([*tiny_train_args(pendulum_npz, out), "--no-progress"]) == 0
     printed = capsys.readouterr().out
     assert "resuming from stage iql (behavior restored" in printed
