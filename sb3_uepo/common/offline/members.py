@@ -183,34 +183,18 @@ class DiffusionMembers(StackedMembers):
         generator: torch.Generator | None = None,
         seed_noise: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Stochastic chains and their per-step log-densities under the sampling weights, in ONE pass (no grad).
-
-        Same draws as :meth:`ChainSampler.sample_chain` (``x_{j+1} = mu_j + sigma_j clip(z)``), and since
-        ``x_{j+1} - mu_j = sigma_j clip(z)``,
-        ``log N(x_{j+1}; mu_j, sigma_j^2) = -clip(z)^2 / 2 - log sigma_j - log(2 pi) / 2``
-        needs no second pass through the denoiser (it equals :meth:`chain_log_prob` under the same weights).
+        """Stochastic chains and their per-step log-densities under the sampling weights, in ONE pass (no grad):
+        :meth:`ChainSampler.sample_chain_with_log_prob` over the stacked members (it equals :meth:`chain_log_prob`
+        under the same weights).
 
         :return: chains (M, B, S + 1, A) and log-densities (M, B, S)
         """
         obs = self._per_member(obs, self.n_members)
         m, b, _ = obs.shape
-        sampler, eps_fn = self.sampler, self.eps_fn(params)
-        cond = obs.reshape(m * b, -1)
-        x_init = self.x_init(b, seed_noise)
-        if x_init is None:
-            x = torch.randn(m * b, self.action_dim, device=cond.device, generator=generator)
-        else:
-            x = x_init.to(cond.device)
-        chain, log_probs = [x], []
-        for j in range(sampler.n_sampling_steps):
-            step = torch.full((m * b,), j, device=cond.device, dtype=torch.long)
-            mean = sampler.step_mean(x, step, eps_fn(x, sampler.timesteps[step], cond))
-            z = torch.randn(mean.shape, device=mean.device, generator=generator).clamp(-sampler.noise_clip, sampler.noise_clip)
-            std = sampler.step_std[j]
-            x = mean + std * z
-            chain.append(x)
-            log_probs.append((-0.5 * z**2 - std.log() - 0.5 * math.log(2 * math.pi)).sum(-1))
-        return torch.stack(chain, 1).reshape(m, b, -1, self.action_dim), torch.stack(log_probs, 1).reshape(m, b, -1)
+        chains, log_probs = self.sampler.sample_chain_with_log_prob(
+            self.eps_fn(params), obs.reshape(m * b, -1), x_init=self.x_init(b, seed_noise), generator=generator
+        )
+        return chains.reshape(m, b, *chains.shape[1:]), log_probs.reshape(m, b, -1)
 
     def chain_log_prob(self, chains: torch.Tensor, obs: torch.Tensor, params: Params | None = None) -> torch.Tensor:
         """Per-step log-densities of given chains under every member: (M, B, S + 1, A), (M, B, O) -> (M, B, S)."""

@@ -771,29 +771,16 @@ def _short_list(values: Any) -> str:
 
 
 def pretrain(
-    dataset: Any,
-    observation_space: spaces.Space,
-    action_space: spaces.Space,
-    config: OfflineConfig | str | None = None,
-    logger: Any = None,
-    checkpoint_dir: str | Path | None = None,
-    progress_bar: bool = True,
-    device: str | torch.device = "cpu",
-    **kwargs: Any,
+    dataset: Any, observation_space: spaces.Space, action_space: spaces.Space, config: Any = None, **kwargs: Any
 ) -> OfflineResult:
-    """Run UEPO's offline phase on a dataset; never touches an environment.
+    """Run UEPO's offline phase on a dataset; never touches an environment. ``OfflinePretrainer(...).run()``.
 
     :param dataset: an :class:`~sb3_uepo.common.datasets.container.OfflineDataset`
     :param observation_space: the env's observation space (Box)
     :param action_space: the env's action space (Box); its bounds define the [-1, 1] action scaling
     :param config: :class:`OfflineConfig`, a preset name (``"quick"``, ``"quick+uni_o4"``, ...) or None (``"default"``)
-    :param logger: SB3 logger or None
-    :param checkpoint_dir: stage checkpoints for resuming; None keeps nothing on disk
-    :param progress_bar: a progress bar per stage
-    :param device: torch device
-    :param kwargs: ``env_id``, ``termination_fn``, ``resume`` (see :class:`OfflinePretrainer`)
+    :param kwargs: the other arguments of :class:`OfflinePretrainer` (``logger``, ``checkpoint_dir``,
+        ``progress_bar``, ``device``, ``env_id``, ``termination_fn``, ``resume``, ``verbose``)
     :return: the chosen member and everything the online phase needs
     """
-    return OfflinePretrainer(
-        dataset, observation_space, action_space, config, logger, checkpoint_dir, progress_bar, device, **kwargs
-    ).run()
+    return OfflinePretrainer(dataset, observation_space, action_space, config, **kwargs).run()
