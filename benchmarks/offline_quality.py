@@ -57,7 +57,7 @@ def run_seed(
     from sb3_uepo import UEPO
     from sb3_uepo.common.datasets import load_dataset
     from sb3_uepo.common.evaluation import evaluate
-    from sb3_uepo.common.offline.pipeline import pretrain
+    from sb3_uepo.offline.pipeline import pretrain
 
     dataset = load_dataset(dataset_id)
     results: dict[str, Any] = {}

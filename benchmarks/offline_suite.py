@@ -75,7 +75,7 @@ def run_job(env_id: str, source: str, method: str, preset: str, seed: int, episo
     from sb3_uepo import UEPO
     from sb3_uepo.common.datasets import load_dataset
     from sb3_uepo.common.evaluation import EVAL_SEED_OFFSET, evaluate_modes, score_offline_stages
-    from sb3_uepo.common.offline.pipeline import OfflinePretrainer
+    from sb3_uepo.offline.pipeline import OfflinePretrainer
 
     dataset = load_dataset(source)
     variant = {"uepo": preset, "uni_o4": f"{preset}+uni_o4", "bc": f"{preset}+bc"}[method]

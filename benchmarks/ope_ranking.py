@@ -73,10 +73,10 @@ def main(argv: list[str] | None = None) -> int:
     from sb3_uepo import UEPO
     from sb3_uepo.common.datasets import load_dataset
     from sb3_uepo.common.datasets.scores import normalized_score
-    from sb3_uepo.common.offline.behavior import make_sampler
-    from sb3_uepo.common.offline.members import make_diffusion_members
-    from sb3_uepo.common.offline.ope import offline_policy_evaluation
-    from sb3_uepo.common.offline.pipeline import OfflinePretrainer
+    from sb3_uepo.offline.behavior import make_sampler
+    from sb3_uepo.offline.members import make_diffusion_members
+    from sb3_uepo.offline.ope import offline_policy_evaluation
+    from sb3_uepo.offline.pipeline import OfflinePretrainer
 
     dataset = load_dataset(args.dataset)
     model = UEPO("DiffusionPolicy", args.env, dataset=dataset, preset=args.preset, seed=args.seed)

@@ -10,7 +10,7 @@ import math
 import pytest
 import torch
 
-from sb3_uepo.common.offline.augmentation import (
+from sb3_uepo.offline.augmentation import (
     FILTER_REASONS,
     AugmentationConfig,
     consistency_reference,
@@ -19,7 +19,7 @@ from sb3_uepo.common.offline.augmentation import (
     previous_actions,
     synthesize_transitions,
 )
-from sb3_uepo.common.offline.dynamics import DynamicsConfig, fit_dynamics
+from sb3_uepo.offline.dynamics import DynamicsConfig, fit_dynamics
 
 A_MAT = torch.tensor([[0.9, 0.1, 0.0], [0.0, 0.85, 0.1], [0.05, 0.0, 0.9]])
 B_MAT = torch.tensor([[0.5, 0.0], [0.0, 0.3], [0.2, -0.4]])

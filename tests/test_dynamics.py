@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from sb3_uepo.common.offline.dynamics import DynamicsConfig, DynamicsEnsemble, EnsembleLinear, fit_dynamics
+from sb3_uepo.offline.dynamics import DynamicsConfig, DynamicsEnsemble, EnsembleLinear, fit_dynamics
 
 OBS_DIM, ACT_DIM = 3, 2
 A_MAT = torch.tensor([[0.9, 0.1, 0.0], [0.0, 0.8, 0.2], [0.1, 0.0, 0.95]])

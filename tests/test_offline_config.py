@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from sb3_uepo.common.offline.config import PRESETS, OfflineConfig, resolve_offline_config
+from sb3_uepo.offline.config import PRESETS, OfflineConfig, resolve_offline_config
 
 
 @pytest.mark.parametrize("preset", ["quick", "default", "paper", "uni_o4", "quick+uni_o4", "paper+uni_o4"])

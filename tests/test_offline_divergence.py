@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from sb3_uepo.common.offline.divergence import (
+from sb3_uepo.offline.divergence import (
     SegmentSampler,
     divergence_loss,
     pairwise_divergence,

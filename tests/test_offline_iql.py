@@ -5,8 +5,8 @@ import torch
 from stable_baselines3.common.torch_layers import create_mlp
 from torch import nn
 
-from sb3_uepo.common.offline.config import resolve_offline_config
-from sb3_uepo.common.offline.iql import IQLCritics, expectile_loss, fit_iql
+from sb3_uepo.offline.config import resolve_offline_config
+from sb3_uepo.offline.iql import IQLCritics, expectile_loss, fit_iql
 
 
 def test_expectile_loss_is_asymmetric():

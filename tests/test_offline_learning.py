@@ -7,7 +7,7 @@ import torch as th
 from sb3_uepo import UEPO
 from sb3_uepo.common.datasets import load_dataset
 from sb3_uepo.common.evaluation import evaluate
-from sb3_uepo.common.offline.pipeline import pretrain
+from sb3_uepo.offline.pipeline import pretrain
 
 
 @pytest.mark.slow

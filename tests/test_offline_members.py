@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from sb3_uepo.common.diffusion import ChainSampler, Denoiser, NoiseSchedule
-from sb3_uepo.common.offline.config import resolve_offline_config
-from sb3_uepo.common.offline.members import (
+from sb3_uepo.offline.config import resolve_offline_config
+from sb3_uepo.offline.members import (
     DiffusionMembers,
     GaussianActor,
     fit_gaussian_members,

@@ -10,10 +10,10 @@ from stable_baselines3.common.torch_layers import create_mlp
 from torch import nn
 
 from sb3_uepo.common.datasets.container import OfflineDataset
-from sb3_uepo.common.offline import pipeline as pipeline_module
-from sb3_uepo.common.offline.config import resolve_offline_config
-from sb3_uepo.common.offline.offline_ppo import OfflinePolicyImprovement
-from sb3_uepo.common.offline.pipeline import OfflinePretrainer, OfflineResult, pretrain
+from sb3_uepo.offline import pipeline as pipeline_module
+from sb3_uepo.offline.config import resolve_offline_config
+from sb3_uepo.offline.offline_ppo import OfflinePolicyImprovement
+from sb3_uepo.offline.pipeline import OfflinePretrainer, OfflineResult, pretrain
 
 pytestmark = pytest.mark.filterwarnings("ignore:No termination rule is known")
 
@@ -151,7 +151,7 @@ def test_resume_after_an_interruption_redoes_no_completed_stage(tmp_path, monkey
 
     monkeypatch.setattr(pipeline_module, "fit_behavior_model", must_not_run)
     monkeypatch.setattr(pipeline_module, "fit_iql", must_not_run)
-    import sb3_uepo.common.offline.dynamics as dynamics_module
+    import sb3_uepo.offline.dynamics as dynamics_module
 
     monkeypatch.setattr(dynamics_module, "fit_dynamics", must_not_run)
     resumed = _run(checkpoint_dir=ckpt)
@@ -235,7 +235,7 @@ def test_stages_log_to_the_sb3_logger(tmp_path):
 def test_ope_starts_where_the_config_says(monkeypatch, where):
     """``ope_start_states``: the OPE rollouts start from dataset episode starts (the task's objective) or any state,
     undiscounted without V by default, with the configured uncertainty penalty."""
-    from sb3_uepo.common.offline import ope as ope_module
+    from sb3_uepo.offline import ope as ope_module
 
     calls = []
     real_ope = ope_module.offline_policy_evaluation

@@ -3,11 +3,11 @@
 import pytest
 import torch
 
-from sb3_uepo.common.offline.behavior import fit_behavior_model, make_sampler
-from sb3_uepo.common.offline.config import resolve_offline_config
-from sb3_uepo.common.offline.divergence import SegmentSampler
-from sb3_uepo.common.offline.members import make_diffusion_members
-from sb3_uepo.common.offline.offline_ppo import OfflinePolicyImprovement, clipped_surrogate, per_member_clip_grad_norm_
+from sb3_uepo.offline.behavior import fit_behavior_model, make_sampler
+from sb3_uepo.offline.config import resolve_offline_config
+from sb3_uepo.offline.divergence import SegmentSampler
+from sb3_uepo.offline.members import make_diffusion_members
+from sb3_uepo.offline.offline_ppo import OfflinePolicyImprovement, clipped_surrogate, per_member_clip_grad_norm_
 
 OBS, ACT, TARGET = 2, 1, 0.5
 

@@ -7,8 +7,8 @@ Members (batched): 0 drives x to 0 (good), 1 does nothing, 2 pushes x away (bad)
 import pytest
 import torch
 
-from sb3_uepo.common.offline.dynamics import DynamicsConfig, fit_dynamics
-from sb3_uepo.common.offline.ope import offline_policy_evaluation
+from sb3_uepo.offline.dynamics import DynamicsConfig, fit_dynamics
+from sb3_uepo.offline.ope import offline_policy_evaluation
 
 GAINS = torch.tensor([-5.0, 0.0, 5.0])  # member m acts a = clip(gain_m * x)
 

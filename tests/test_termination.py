@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from sb3_uepo.common.offline.termination import task_name, termination_fn_for
+from sb3_uepo.offline.termination import task_name, termination_fn_for
 
 
 def _normalise(obs: np.ndarray, mean: np.ndarray, std: np.ndarray) -> torch.Tensor:

@@ -12,7 +12,7 @@ from test_offline_pipeline import TINY
 
 from sb3_uepo import UEPO
 from sb3_uepo.common.datasets.container import OfflineDataset
-from sb3_uepo.common.offline.pipeline import pretrain as pipeline_pretrain
+from sb3_uepo.offline.pipeline import pretrain as pipeline_pretrain
 
 pytestmark = pytest.mark.filterwarnings("ignore:No termination rule is known")
 

@@ -233,7 +233,7 @@ def report_to_dict(report: Any) -> dict[str, Any]:
 
     if report is None:
         return {}
-    if hasattr(report, "to_report"):  # sb3_uepo.common.offline.pipeline.OfflineResult
+    if hasattr(report, "to_report"):  # sb3_uepo.offline.pipeline.OfflineResult
         return dict(report.to_report())
     if hasattr(report, "to_dict"):
         return dict(report.to_dict())

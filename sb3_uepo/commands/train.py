@@ -231,7 +231,7 @@ def validate_train_args(args: argparse.Namespace) -> tuple[dict[str, Any], dict[
     offline_kwargs = parse_assignments(args.offline, "--offline")
     params = parse_assignments(args.param, "--param")
     check_constructor_params(params)
-    from sb3_uepo.common.offline.config import resolve_offline_config
+    from sb3_uepo.offline.config import resolve_offline_config
 
     resolve_offline_config(args.preset, offline_kwargs)  # unknown preset or key, wrong type or range
     return offline_kwargs, params

@@ -243,7 +243,7 @@ def score_offline_stages(
     the chosen member is loaded back at the end, so the model is left as :meth:`UEPO.pretrain` left it.
 
     :param model: a UEPO model whose policy matches the result's architecture
-    :param result: an :class:`~sb3_uepo.common.offline.pipeline.OfflineResult` with its members kept
+    :param result: an :class:`~sb3_uepo.offline.pipeline.OfflineResult` with its members kept
     :param env_id: environment to evaluate in
     :param n_episodes: episodes per policy and mode
     :param seed: seed of the evaluation environments (the same episodes for every policy)

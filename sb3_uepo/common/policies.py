@@ -4,7 +4,7 @@ Owns: :class:`DiffusionPolicy` (a state-conditioned denoiser acting through a fe
 network, fixed observation normalisation, the member's fixed noise seed) and :func:`make_value_net` (the one place
 the value architecture is defined, so the offline IQL value loads into the policy unchanged).
 Must not touch: the diffusion formulas (``common/diffusion.py``), rollout storage (``buffers.py``), the PPO loss and
-its schedules (``uepo/uepo.py``), offline training (``common/offline/``).
+its schedules (``uepo/uepo.py``), offline training (``offline/``).
 
 As in DPPO (Ren et al. 2024, irom-princeton/dppo), the policy acts over its denoising chain: every sampling step is a
 Gaussian with std floored at ``min_std``, so ``log pi(chain | s)`` is a sum of per-step Gaussian log-densities and

@@ -3,7 +3,7 @@
 Owns: :class:`UEPO` (rollout collection with chains, the chain-PPO loss with the denoising-step discount, the decaying
 KL to a frozen reference policy, the value warm-up, save/load declarations) and the seam through which the offline
 stages hand over their policy (:meth:`UEPO.pretrain`, :meth:`UEPO.load_offline_policy`,
-:meth:`UEPO.set_reference_policy`). Must not touch: the offline stages themselves (``common/offline/``), the networks
+:meth:`UEPO.set_reference_policy`). Must not touch: the offline stages themselves (``offline/``), the networks
 (``common/policies.py``), rollout storage (``common/buffers.py``), the diffusion formulas (``common/diffusion.py``).
 
 Loss, per minibatch of ``B`` rollout steps whose chains have ``S`` denoising steps (DPPO, Ren et al. 2024,
@@ -90,7 +90,7 @@ class UEPO(OnPolicyAlgorithm):
         the offline stages; None learns online from scratch
     :param preset: name of the offline budget/ablation preset (e.g. ``"quick"``, ``"uni_o4"``)
     :param offline_kwargs: overrides of the offline preset's settings (fields of
-        :class:`~sb3_uepo.common.offline.config.OfflineConfig`, e.g. ``{"n_members": 2, "ppo_steps": 500}``); the
+        :class:`~sb3_uepo.offline.config.OfflineConfig`, e.g. ``{"n_members": 2, "ppo_steps": 500}``); the
         architecture fields follow the policy (``policy_kwargs`` wins; where it is silent, the offline settings fill it)
     :param pretrain_dir: directory of the offline stage checkpoints (``progress.json``, ``stage_<name>.pt``): an
         interrupted pretraining resumes from its last completed stage; None keeps nothing on disk
@@ -344,7 +344,7 @@ class UEPO(OnPolicyAlgorithm):
         if self.pretrained:
             warnings.warn("pretrain(): this model is already pretrained; returning the stored report")
             return dict(self.offline_report or {})
-        from sb3_uepo.common.offline.pipeline import OfflinePretrainer
+        from sb3_uepo.offline.pipeline import OfflinePretrainer
 
         dataset = self._resolve_dataset()
         config = self.offline_config()
@@ -402,10 +402,10 @@ class UEPO(OnPolicyAlgorithm):
         return getattr(spec, "id", None)
 
     def offline_config(self) -> Any:
-        """The :class:`~sb3_uepo.common.offline.config.OfflineConfig` that :meth:`pretrain` runs: preset +
+        """The :class:`~sb3_uepo.offline.config.OfflineConfig` that :meth:`pretrain` runs: preset +
         ``offline_kwargs``, with the architecture, seed and gamma of this model. Raises ``ValueError`` when the policy and
         the preset do not fit together (a DiffusionPolicy with ``uni_o4``, an MlpPolicy without it, conflicting sizes)."""
-        from sb3_uepo.common.offline.config import resolve_offline_config
+        from sb3_uepo.offline.config import resolve_offline_config
 
         user = dict(self.offline_kwargs or {})
         config = resolve_offline_config(self.preset or "default", user)
@@ -465,7 +465,7 @@ class UEPO(OnPolicyAlgorithm):
 
     def _fill_policy_kwargs_from_offline_config(self) -> None:
         """Where ``policy_kwargs`` is silent, take the policy architecture from the offline settings."""
-        from sb3_uepo.common.offline.config import activation_class, resolve_offline_config
+        from sb3_uepo.offline.config import activation_class, resolve_offline_config
 
         config = resolve_offline_config(self.preset or "default", self.offline_kwargs)
         kwargs = self.policy_kwargs
@@ -503,9 +503,9 @@ class UEPO(OnPolicyAlgorithm):
     def load_offline_result(self, result: Any, member: str = "chosen") -> None:
         """Put an offline result into the policy as :meth:`pretrain` does (weights, IQL value, observation statistics,
         seed noise; the KL reference when ``kl_ref_coef > 0``), e.g. a result of
-        :func:`~sb3_uepo.common.offline.pipeline.pretrain` run with :meth:`offline_config` elsewhere.
+        :func:`~sb3_uepo.offline.pipeline.pretrain` run with :meth:`offline_config` elsewhere.
 
-        :param result: an :class:`~sb3_uepo.common.offline.pipeline.OfflineResult`
+        :param result: an :class:`~sb3_uepo.offline.pipeline.OfflineResult`
         :param member: ``"chosen"`` (the member chosen by OPE) or ``"behavior"`` (the behaviour diffusion model of
             stage 1, i.e. diffusion BC, acting from fresh noise; DiffusionPolicy only)
         """

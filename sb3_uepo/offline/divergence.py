@@ -211,7 +211,7 @@ def sequence_regularizers(
 
     Gradients flow into the members' current weights through the deterministic DDIM sampler (fixed seed noise).
 
-    :param members: :class:`~sb3_uepo.common.offline.members.DiffusionMembers`
+    :param members: :class:`~sb3_uepo.offline.members.DiffusionMembers`
     :param behavior: the frozen behaviour denoiser (needed for the KL)
     :param segment_obs: (G, T + 1, O) normalised dataset states of G segments
     :param compute_divergence: compute ``divergence`` (M, M)

@@ -37,7 +37,7 @@ from torch import nn
 from torch.func import functional_call, stack_module_state, vmap
 
 from sb3_uepo.common.diffusion import ChainSampler, Denoiser
-from sb3_uepo.common.offline.config import OfflineConfig, activation_class, log_values, progress_bar
+from sb3_uepo.offline.config import OfflineConfig, activation_class, log_values, progress_bar
 
 Params = dict[str, torch.Tensor]
 
@@ -393,7 +393,7 @@ def fit_gaussian_members(
     :param log_prefix: key prefix of the logged values
     :return: the members and a report (``steps``, ``final_nll`` per member, ``loss_curve``, ``seconds``)
     """
-    from sb3_uepo.common.offline.divergence import uni_o4_diversity_loss
+    from sb3_uepo.offline.divergence import uni_o4_diversity_loss
 
     start = time.time()
     n = obs.shape[0]

@@ -20,8 +20,8 @@ from typing import Any
 
 from torch import nn
 
-from sb3_uepo.common.offline.augmentation import AugmentationConfig
-from sb3_uepo.common.offline.dynamics import DynamicsConfig
+from sb3_uepo.offline.augmentation import AugmentationConfig
+from sb3_uepo.offline.dynamics import DynamicsConfig
 
 POLICY_TYPES = ("diffusion", "gaussian")
 OPE_SCORES = ("model_return", "mean_q")

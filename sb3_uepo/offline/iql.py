@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from stable_baselines3.common.torch_layers import create_mlp
 from torch import nn
 
-from sb3_uepo.common.offline.config import OfflineConfig, activation_class, log_values, progress_bar
+from sb3_uepo.offline.config import OfflineConfig, activation_class, log_values, progress_bar
 
 
 def expectile_loss(diff: torch.Tensor, expectile: float) -> torch.Tensor:

@@ -32,16 +32,16 @@ from typing import Any
 
 import torch
 
-from sb3_uepo.common.offline.config import OfflineConfig, log_values, progress_bar
-from sb3_uepo.common.offline.divergence import (
+from sb3_uepo.offline.config import OfflineConfig, log_values, progress_bar
+from sb3_uepo.offline.divergence import (
     SegmentSampler,
     divergence_loss,
     perturb_,
     perturbation_sigmas,
     sequence_regularizers,
 )
-from sb3_uepo.common.offline.iql import IQLCritics
-from sb3_uepo.common.offline.members import DiffusionMembers, GaussianMembers
+from sb3_uepo.offline.iql import IQLCritics
+from sb3_uepo.offline.members import DiffusionMembers, GaussianMembers
 
 PolicyFn = Callable[[torch.Tensor], torch.Tensor]  # (M, B, O) -> (M, B, A)
 OpeFn = Callable[[PolicyFn], torch.Tensor]  # policy_fn -> (M,) scores

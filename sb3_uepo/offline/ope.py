@@ -21,7 +21,7 @@ Two scores:
   cheap variant.
 
 The members are evaluated BATCHED: one policy call ``(M, B, O) -> (M, B, A)`` and one model call per step for all
-of them. With a :class:`~sb3_uepo.common.offline.dynamics.DynamicsEnsemble` the members share their random
+of them. With a :class:`~sb3_uepo.offline.dynamics.DynamicsEnsemble` the members share their random
 numbers (elite choice and Gaussian noise per start state and step: common random numbers), so the differences
 between their scores come from the policies, not from the draw.
 
@@ -36,7 +36,7 @@ from typing import Any
 
 import torch
 
-from sb3_uepo.common.offline.dynamics import DynamicsEnsemble
+from sb3_uepo.offline.dynamics import DynamicsEnsemble
 
 PolicyFn = Callable[[torch.Tensor], torch.Tensor]  # (M, B, O) -> (M, B, A)
 ValueFn = Callable[[torch.Tensor], torch.Tensor]  # (N, O) -> (N,) or (N, 1)

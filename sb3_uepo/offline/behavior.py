@@ -1,7 +1,7 @@
 """Behaviour diffusion model (UEPO stage 1): one state-conditioned denoiser ``eps(a_k, k, s)`` trained on the dataset.
 
 Owns: :func:`fit_behavior_model` and the factories :func:`make_denoiser` / :func:`make_sampler` that build the
-diffusion pieces from an :class:`~sb3_uepo.common.offline.config.OfflineConfig`, so that every stage (and the online
+diffusion pieces from an :class:`~sb3_uepo.offline.config.OfflineConfig`, so that every stage (and the online
 policy) uses the same architecture. Must not touch: the diffusion formulas (``common/diffusion.py``), the members
 built from this model (``members.py``).
 
@@ -23,7 +23,7 @@ from typing import Any
 import torch
 
 from sb3_uepo.common.diffusion import ChainSampler, Denoiser, NoiseSchedule
-from sb3_uepo.common.offline.config import OfflineConfig, log_values, progress_bar
+from sb3_uepo.offline.config import OfflineConfig, log_values, progress_bar
 
 
 def make_denoiser(action_dim: int, obs_dim: int, config: OfflineConfig) -> Denoiser:

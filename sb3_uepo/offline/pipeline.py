@@ -44,11 +44,11 @@ from gymnasium import spaces
 from torch import nn
 
 from sb3_uepo.common.io import atomic_path, output_lock, write_json
-from sb3_uepo.common.offline.behavior import fit_behavior_model, make_denoiser, make_sampler
-from sb3_uepo.common.offline.config import OfflineConfig, log_values, resolve_offline_config
-from sb3_uepo.common.offline.divergence import SegmentSampler, pairwise_divergence
-from sb3_uepo.common.offline.iql import IQLCritics, fit_iql, make_value_net
-from sb3_uepo.common.offline.members import (
+from sb3_uepo.offline.behavior import fit_behavior_model, make_denoiser, make_sampler
+from sb3_uepo.offline.config import OfflineConfig, log_values, resolve_offline_config
+from sb3_uepo.offline.divergence import SegmentSampler, pairwise_divergence
+from sb3_uepo.offline.iql import IQLCritics, fit_iql, make_value_net
+from sb3_uepo.offline.members import (
     DiffusionMembers,
     GaussianActor,
     GaussianMembers,
@@ -57,7 +57,7 @@ from sb3_uepo.common.offline.members import (
     gaussian_members_from_state,
     make_diffusion_members,
 )
-from sb3_uepo.common.offline.offline_ppo import OfflinePolicyImprovement
+from sb3_uepo.offline.offline_ppo import OfflinePolicyImprovement
 
 STAGES = ("behavior", "iql", "dynamics", "members", "offline_ppo")
 CHECKPOINT_FORMAT = 1
@@ -350,7 +350,7 @@ class OfflinePretrainer:
         if self.custom_termination is not None:
             return self.custom_termination
         if not hasattr(self, "_termination"):
-            from sb3_uepo.common.offline.termination import termination_fn_for
+            from sb3_uepo.offline.termination import termination_fn_for
 
             rule = termination_fn_for(self.env_id, self.data.obs_mean, self.data.obs_std)
             self._termination = None if getattr(rule, "never", False) else rule
@@ -476,7 +476,7 @@ class OfflinePretrainer:
         if name == "dynamics":
             if payload.get("skipped"):
                 return None
-            from sb3_uepo.common.offline.dynamics import DynamicsEnsemble
+            from sb3_uepo.offline.dynamics import DynamicsEnsemble
 
             dynamics = DynamicsEnsemble(**payload["constructor_kwargs"]).to(self.device)
             dynamics.load_state_dict(payload["state_dict"])
@@ -510,14 +510,14 @@ class OfflinePretrainer:
         cfg, d = self.config, self.data
         if not cfg.needs_dynamics:
             return None, dict(skipped=True), dict(skipped="OPE uses mean Q and augmentation is off: no model needed")
-        from sb3_uepo.common.offline.dynamics import fit_dynamics
+        from sb3_uepo.offline.dynamics import fit_dynamics
 
         logger = _PrefixLogger(self.logger) if self.logger is not None else None
         dyn_cfg = dataclasses.replace(cfg.dynamics, seed=cfg.seed + 5, device=str(self.device))
         dynamics = fit_dynamics(d.obs, d.actions, d.rewards, d.next_obs, dyn_cfg, logger=logger, progress_bar=self.progress)
         report: dict[str, Any] = dict(real_only=dict(dynamics.training_report))
         if cfg.augment:
-            from sb3_uepo.common.offline.augmentation import synthesize_transitions
+            from sb3_uepo.offline.augmentation import synthesize_transitions
 
             aug_cfg = dataclasses.replace(cfg.augmentation, seed=cfg.seed + 6, device=str(self.device))
             synthetic, aug_report = synthesize_transitions(
@@ -576,7 +576,7 @@ class OfflinePretrainer:
         return members, members.state(), report
 
     def _ope_fn(self, n_members: int) -> Callable[[Callable[[torch.Tensor], torch.Tensor]], torch.Tensor]:
-        from sb3_uepo.common.offline.ope import offline_policy_evaluation
+        from sb3_uepo.offline.ope import offline_policy_evaluation
 
         cfg, d = self.config, self.data
         critics: IQLCritics = self.outputs["iql"]

@@ -55,7 +55,7 @@ from typing import Any
 import torch
 
 from sb3_uepo.common.diffusion import ChainSampler, Denoiser, NoiseSchedule
-from sb3_uepo.common.offline.dynamics import DynamicsEnsemble, TransitionTensors
+from sb3_uepo.offline.dynamics import DynamicsEnsemble, TransitionTensors
 
 FILTER_REASONS = (
     "non_finite",
