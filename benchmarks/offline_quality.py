@@ -1,4 +1,4 @@
-"""Offline policy quality (issue 4): UEPO's offline-chosen member vs the Uni-O4 preset vs diffusion BC.
+"""Offline policy quality: UEPO's offline-chosen member vs the Uni-O4 preset vs diffusion BC.
 
 For each seed, the SAME offline budget (``--preset``, default ``quick``) runs twice through the one pipeline:
 UEPO (DiffusionPolicy members from the behaviour diffusion model, sequence divergence, augmented dynamics, OPE) and

@@ -1,7 +1,7 @@
-"""Which offline score ranks diffusion members like the real environment does? (issue 4: the member choice)
+"""Which offline score ranks diffusion members like the real environment does? (the member choice)
 
 UEPO's members share one behaviour model and differ by their seed noise (``member_noise="seed"``), and a member's
-real score depends strongly on that noise (``benchmarks/member_noise.py``). This script makes ``K`` candidate
+real score depends strongly on that noise (docs/algorithm.md). This script makes ``K`` candidate
 policies (the behaviour model from ``K`` seed noises), scores each in the REAL environment (deterministic, batched:
 all ``K x E`` episodes step together), and compares the offline scores the pipeline can compute without the env:
 

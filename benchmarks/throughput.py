@@ -1,4 +1,4 @@
-"""Online throughput of UEPO with a DiffusionPolicy against SB3's PPO with its MlpPolicy (issue 3).
+"""Online throughput of UEPO with a DiffusionPolicy against SB3's PPO with its MlpPolicy.
 
 Both learn Hopper-v5 from scratch with the same vectorised env, ``n_envs``, ``n_steps``, ``batch_size`` and
 ``n_epochs``; their rounds (one rollout + one update each) are measured ALTERNATELY in one process, so load changes on

@@ -17,8 +17,6 @@ rl-zoo3 passes every YAML key it does not know to the algorithm's constructor, s
 
 Owns: the registration and the UEPO hyperparameter sampler. rl-zoo3, optuna and requests are optional
 (``pip install "sb3-uepo[zoo]"``) and imported only here, only when used.
-
-Owner: CLI / benchmark (issue 5).
 """
 
 from __future__ import annotations

@@ -3,6 +3,4 @@
 Modules: ``baselines`` (how each algorithm is built), ``runner`` (one process per run, resumable), ``stats``
 (IQM, bootstrap intervals), ``report`` (results JSON, markdown table, learning-curve plots).
 Importing this package is light; SB3 and torch are imported by the functions that run things.
-
-Owner: benchmark (issue 5).
 """

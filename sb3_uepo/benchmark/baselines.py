@@ -17,13 +17,11 @@ ppo_bc     the common user workaround: PPO whose Gaussian actor is first fit to 
 =========  ===========================================================================================  ===========
 
 UEPO and Uni-O4 fine-tune online with the same settings as ``uepo train``
-(:data:`sb3_uepo.commands.train.FINE_TUNING_DEFAULTS`); ``--algo-kwargs`` overrides them per algorithm.
+(:data:`sb3_uepo.uepo.defaults.FINE_TUNING_DEFAULTS`); ``--algo-kwargs`` overrides them per algorithm.
 
 ``ppo_bc`` clones the actor only (the critic starts from scratch, as in a plain ``policy.load_state_dict`` of a BC
 net); its observation normalisation is a ``VecNormalize`` whose observation statistics are the dataset's and never
 move, while rewards are normalised online as in the ``ppo`` baseline.
-
-Owner: benchmark (issue 5).
 """
 
 from __future__ import annotations

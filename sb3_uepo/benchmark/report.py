@@ -8,8 +8,6 @@ Scores are D4RL normalised scores (0 = random policy, 100 = D4RL expert) of dete
 each seed contributes the mean over its evaluation episodes; across seeds we report mean ± std, and the IQM with a
 95% percentile-bootstrap interval (``stats.py``). Across tasks, the IQM pools every (task, seed) run, resampled
 within each task.
-
-Owner: benchmark (issue 5).
 """
 
 from __future__ import annotations

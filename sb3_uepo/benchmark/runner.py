@@ -12,8 +12,6 @@ Layout of the output directory::
 
 A rerun skips every run whose result file exists with the same settings; a run whose settings changed (e.g. a
 different ``--online-steps``) is redone. Interrupting a grid loses only the runs in flight.
-
-Owner: benchmark (issue 5).
 """
 
 from __future__ import annotations

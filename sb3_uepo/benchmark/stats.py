@@ -10,8 +10,6 @@ Owns: the numbers in the benchmark table. Pure numpy, no files, no environments.
 * Confidence intervals are percentile bootstrap intervals: resample the runs with replacement, recompute the
   statistic, take the ``alpha/2`` and ``1 - alpha/2`` quantiles. Across several tasks the resampling is
   stratified (runs are resampled within each task, as ``rliable.library.get_interval_estimates`` does).
-
-Owner: benchmark (issue 5).
 """
 
 from __future__ import annotations

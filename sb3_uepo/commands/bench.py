@@ -2,8 +2,6 @@
 
 Owns: argument parsing and building the grid of :class:`~sb3_uepo.benchmark.runner.RunSpec`. Running is
 ``sb3_uepo.benchmark.runner``, aggregation ``sb3_uepo.benchmark.report``.
-
-Owner: CLI / benchmark (issue 5).
 """
 
 from __future__ import annotations

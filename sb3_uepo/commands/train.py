@@ -4,8 +4,6 @@ Owns: argument parsing, the order of the main job (offline pretraining, evaluati
 online fine-tuning, evaluation, saving the model and a JSON report), and loading a saved model of any SB3 algorithm
 for ``uepo eval``. The algorithm is ``sb3_uepo.uepo.UEPO``; evaluation is ``sb3_uepo.common.evaluation``.
 Heavy imports (torch, SB3, MuJoCo) happen inside the command functions so that ``uepo --help`` stays fast.
-
-Owner: CLI / benchmark (issue 5).
 """
 
 from __future__ import annotations

@@ -6,8 +6,6 @@ and turning its episode returns into an :class:`EvaluationResult`. ``uepo train`
 all evaluate through here, so their numbers are comparable.
 Must not touch: training. Evaluation is for reporting only; the offline phase never calls it (the member handed to
 online learning is chosen by offline policy evaluation in the learned model, never by real returns).
-
-Owner: CLI / benchmark (issue 5).
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""The diffusion actor-critic that UEPO fine-tunes online (DESIGN stages 3 and 7).
+"""The diffusion actor-critic that UEPO fine-tunes online (stages 3 and 7 of docs/algorithm.md).
 
 Owns: :class:`DiffusionPolicy` (a state-conditioned denoiser acting through a few DDIM/DDPM steps, a separate value
 network, fixed observation normalisation, the member's fixed noise seed) and :func:`make_value_net` (the one place

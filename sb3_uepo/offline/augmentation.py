@@ -75,7 +75,7 @@ FILTER_REASONS = (
 class AugmentationConfig:
     """Budget of the transition diffusion model and thresholds of the consistency filter."""
 
-    ratio: float = 1.0  # synthetic candidates generated per real transition (DESIGN: 1-3 x |D|), before filtering
+    ratio: float = 1.0  # synthetic candidates generated per real transition (1-3 x |D|), before filtering
     n_diffusion_steps: int = 20  # K of the transition diffusion (cosine schedule, epsilon prediction)
     n_sampling_steps: int | None = None  # DDPM steps used to sample (None: all K)
     hidden_sizes: tuple[int, ...] = (256, 256, 256)  # denoiser MLP widths

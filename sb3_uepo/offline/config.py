@@ -37,7 +37,7 @@ class OfflineConfig:
 
     # ------------------------------------------------------------------ general
     seed: int = 0  # seeds every stage (each stage derives its own stream, so a resumed run repeats the same draws)
-    n_members: int = 4  # n sub-policies improved in parallel (DESIGN stage 3)
+    n_members: int = 4  # n sub-policies improved in parallel (stage 3)
     policy_type: str = "diffusion"  # "diffusion": members copied from the ONE behaviour denoiser; "gaussian": Uni-O4
     gamma: float = 0.99  # discount of the IQL critics and of the OPE model return
 
@@ -57,7 +57,7 @@ class OfflineConfig:
     iql_steps: int = 50_000  # gradient steps of Q and V
     iql_batch_size: int = 256
     iql_lr: float = 3e-4  # Adam for Q1, Q2 and V
-    expectile: float = 0.7  # IQL expectile of the V regression (DESIGN)
+    expectile: float = 0.7  # IQL expectile of the V regression
     target_update_rate: float = 0.005  # Polyak rate of the target Q networks
     q_hidden_sizes: tuple[int, ...] = (256, 256)  # each of the two Q MLPs (ReLU)
     value_net_arch: tuple[int, ...] = (256, 256)  # V = Sequential(*create_mlp(obs_dim, 1, arch, act)), as the online value net

@@ -6,7 +6,7 @@ member handed to online learning. Must not touch: any stage's internals (``behav
 ``augmentation.py``, ``members.py``, ``offline_ppo.py``, ``divergence.py``, ``ope.py``), the environment (the offline
 phase never gets one: the member is chosen by OPE alone), the online algorithm (``sb3_uepo/uepo/``).
 
-Stages, in order (DESIGN.md):
+Stages, in order (docs/algorithm.md):
 
 ========== ===============================================================================================
 behavior   one state-conditioned denoiser on the dataset (skipped for Gaussian members, ``uni_o4``)
@@ -60,6 +60,10 @@ from sb3_uepo.offline.members import (
 from sb3_uepo.offline.offline_ppo import OfflinePolicyImprovement
 
 STAGES = ("behavior", "iql", "dynamics", "members", "offline_ppo")
+# The dynamics ensemble is refitted on real + synthetic data only when the filter keeps at least this share of the real
+# data's size (measured on the embedded Hopper data with the quick preset: 397 kept of 20,000 generated, i.e. 0.5% of
+# the 80k real transitions, and the refit took 40 of the stage's 89 s).
+MIN_SYNTHETIC_FRACTION = 0.01
 CHECKPOINT_FORMAT = 1
 
 
@@ -533,7 +537,8 @@ class OfflinePretrainer:
                 termination_fn=self.termination_fn(),
             )
             report["augmentation"] = aug_report
-            if int(synthetic[0].shape[0]) > 0:
+            n_synthetic, n_real = int(synthetic[0].shape[0]), int(d.obs.shape[0])
+            if n_synthetic >= MIN_SYNTHETIC_FRACTION * n_real:
                 dynamics = fit_dynamics(
                     d.obs,
                     d.actions,
@@ -548,7 +553,10 @@ class OfflinePretrainer:
                 )
                 report["augmented"] = dict(dynamics.training_report)
             else:
-                report["augmented"] = "no synthetic transition passed the filter: the real-data model is kept"
+                report["augmented"] = (
+                    f"{n_synthetic} synthetic transition(s) passed the filter, under {MIN_SYNTHETIC_FRACTION:.0%} of the "
+                    f"{n_real} real ones: the real-data model is kept (a refit would cost a second training for nothing)"
+                )
         payload = dict(state_dict=dynamics.state_dict(), constructor_kwargs=dynamics.constructor_kwargs())
         return dynamics, payload, report
 

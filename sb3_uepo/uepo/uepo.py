@@ -1,4 +1,4 @@
-"""UEPO's online stage: PPO over the denoising chain (DESIGN stage 7) as a Stable-Baselines3 on-policy algorithm.
+"""UEPO's online stage: PPO over the denoising chain (stage 7 of docs/algorithm.md) as a Stable-Baselines3 on-policy algorithm.
 
 Owns: :class:`UEPO` (rollout collection with chains, the chain-PPO loss with the denoising-step discount, the decaying
 KL to a frozen reference policy, the value warm-up, save/load declarations) and the seam through which the offline
@@ -328,7 +328,7 @@ class UEPO(OnPolicyAlgorithm):
 
     # ------------------------------------------------------------------------------------------ offline seam
     def pretrain(self, progress_bar: bool = False) -> dict[str, Any]:
-        """Run the offline stages (DESIGN 1-6) on ``self.dataset`` and hand the chosen policy to online learning.
+        """Run the offline stages (stages 1-6 of docs/algorithm.md) on ``self.dataset`` and hand the chosen policy to online learning.
 
         Never touches the environment: the member handed on is chosen by offline policy evaluation alone. The chosen
         member's weights (and its seed noise) go into the policy, the IQL value into the value network, the dataset's
