@@ -373,3 +373,33 @@ def test_actor_and_critic_gradients_are_clipped_separately(policy, monkeypatch):
     # on raw Pendulum rewards the critic's gradient is far larger than the actor's clip: one joint clip would have
     # scaled the actor's step by the critic's norm
     assert max(total for _, _, total, _ in critic_norms) > 7.0
+
+
+def test_only_the_last_denoising_steps_are_fine_tuned(tmp_path):
+    """ft_denoising_steps=K (DPPO): the first S - K steps act with a frozen copy that gets no gradient."""
+    kwargs = dict(DIFFUSION_KWARGS, ft_denoising_steps=1)  # S = 3: steps 0 and 1 frozen, step 2 fine-tuned
+    model = make_model("DiffusionPolicy", policy_kwargs=kwargs, learning_rate=1e-3)
+    policy = model.policy
+    frozen_before = {k: v.clone() for k, v in policy.frozen_denoiser.state_dict().items()}
+    assert all(th.equal(v, policy.denoiser.state_dict()[k]) for k, v in frozen_before.items())
+    assert not any(p.requires_grad for p in policy.frozen_denoiser.parameters())
+    optimised = {id(p) for group in policy.optimizer.param_groups for p in group["params"]}
+    assert optimised.isdisjoint(id(p) for p in policy.frozen_denoiser.parameters())
+
+    obs = th.randn(4, 3)
+    chain_before = policy.sample_chain(obs, deterministic=True)
+    model.learn(total_timesteps=64)
+    assert all(p.grad is None for p in policy.frozen_denoiser.parameters())
+    assert all(th.equal(v, frozen_before[k]) for k, v in policy.frozen_denoiser.state_dict().items())
+    assert changed({k: v for k, v in frozen_before.items()}, policy.denoiser.state_dict())  # the last step learned
+    chain_after = policy.sample_chain(obs, deterministic=True)
+    assert th.equal(chain_after[:, :3], chain_before[:, :3])  # x_0 and the two frozen steps
+    assert not th.equal(chain_after[:, 3], chain_before[:, 3])
+    assert policy.evaluate_chains(obs, chain_after).step_log_prob.shape == (4, 1)
+
+    model.save(tmp_path / "model.zip")
+    loaded = UEPO.load(tmp_path / "model.zip")
+    assert loaded.policy.ft_denoising_steps == 1
+    assert th.equal(loaded.policy.sample_chain(obs, deterministic=True), chain_after)
+    with pytest.raises(ValueError, match="ft_denoising_steps must be in"):
+        make_model("DiffusionPolicy", policy_kwargs=dict(DIFFUSION_KWARGS, ft_denoising_steps=4))

@@ -310,17 +310,18 @@ class ChainSampler(nn.Module):
         return int(dim)
 
     # -------------------------------------------------------------------------------------- scoring
-    def chain_means(self, eps_fn: EpsFn, chain: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
-        """Means of every step of a given chain in ONE batched denoiser call.
+    def chain_means(self, eps_fn: EpsFn, chain: torch.Tensor, cond: torch.Tensor, first_step: int = 0) -> torch.Tensor:
+        """Means of the steps ``first_step .. S - 1`` of a given chain in ONE batched denoiser call.
 
         :param chain: (B, S + 1, A)
         :param cond: (B, C)
-        :return: (B, S, A) means ``mu_j`` of ``x_{j+1}`` given ``x_j``
+        :param first_step: the first step scored (e.g. ``S - K`` when only the last ``K`` steps are fine-tuned)
+        :return: (B, S - first_step, A) means ``mu_j`` of ``x_{j+1}`` given ``x_j``
         """
         batch, n_plus_one, action_dim = chain.shape
-        n_steps = n_plus_one - 1
-        x = chain[:, :-1].reshape(batch * n_steps, action_dim)
-        step = torch.arange(n_steps, device=chain.device).repeat(batch)
+        n_steps = n_plus_one - 1 - first_step
+        x = chain[:, first_step:-1].reshape(batch * n_steps, action_dim)
+        step = torch.arange(first_step, first_step + n_steps, device=chain.device).repeat(batch)
         cond_rep = cond.repeat_interleave(n_steps, dim=0)
         eps = eps_fn(x, self.timesteps[step], cond_rep)
         return self.step_mean(x, step, eps).reshape(batch, n_steps, action_dim)
@@ -337,9 +338,10 @@ class ChainSampler(nn.Module):
         who also needs the means (e.g. for a KL between policies) runs the denoiser only once.
 
         :param chain: (B, S + 1, A)
-        :param means: (B, S, A)
-        :return: (B, S) ``log N(x_{j+1}; mu_j, sigma_j^2)`` summed over action dims
+        :param means: (B, S', A) the means of the LAST ``S'`` steps (``S' = S`` for the whole chain)
+        :return: (B, S') ``log N(x_{j+1}; mu_j, sigma_j^2)`` summed over action dims
         """
-        std = self.step_std.view(1, -1, 1)
-        log_density = -0.5 * ((chain[:, 1:] - means) / std) ** 2 - std.log() - 0.5 * math.log(2 * math.pi)
+        n_steps = means.shape[1]
+        std = self.step_std[-n_steps:].view(1, -1, 1)
+        log_density = -0.5 * ((chain[:, -n_steps:] - means) / std) ** 2 - std.log() - 0.5 * math.log(2 * math.pi)
         return log_density.sum(-1)

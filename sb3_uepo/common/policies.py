@@ -20,6 +20,7 @@ Shape symbols: ``B`` batch, ``O`` observation dimension, ``A`` action dimension,
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -80,6 +81,9 @@ class DiffusionPolicy(BasePolicy):
     :param initial_noise: where stochastic chains start: ``"random"`` (a fresh ``N(0, I)`` draw per chain) or
         ``"seed"`` (the fixed initial noise of deterministic actions, exploring only through the per-step noise, as the
         offline members with ``member_noise="zero"`` or ``"seed"`` were trained; set by ``UEPO.pretrain``)
+    :param ft_denoising_steps: fine-tune only the LAST ``K`` of the ``S`` denoising steps (DPPO): the earlier steps act
+        with a frozen copy of the denoiser (shared with the KL reference, no gradient), and PPO's ratio covers the last
+        ``K`` steps only. None (default): every step is fine-tuned
     :param value_lr_scale: the value network's learning rate is ``value_lr_scale`` times the policy's
         (Uni-O4 online: critic 2e-4 vs actor 2e-5, i.e. 10); UEPO applies it at every learning-rate update
     :param use_sde: not supported (must stay False); accepted because SB3's on-policy algorithms pass it
@@ -109,6 +113,7 @@ class DiffusionPolicy(BasePolicy):
         noise_clip: float = 3.0,
         member_seed: int | None = None,
         initial_noise: str = "random",
+        ft_denoising_steps: int | None = None,
         value_lr_scale: float = 1.0,
         use_sde: bool = False,
         normalize_images: bool = True,
@@ -126,6 +131,11 @@ class DiffusionPolicy(BasePolicy):
             )
         if initial_noise not in ("random", "seed"):
             raise ValueError(f"initial_noise must be 'random' or 'seed', got {initial_noise!r}")
+        if ft_denoising_steps is not None and not 1 <= ft_denoising_steps <= n_sampling_steps:
+            raise ValueError(
+                f"ft_denoising_steps must be in [1, n_sampling_steps={n_sampling_steps}] (or None: every step), "
+                f"got {ft_denoising_steps}"
+            )
         if optimizer_kwargs is None:
             optimizer_kwargs = {"eps": 1e-5} if optimizer_class == th.optim.Adam else {}
         super().__init__(
@@ -149,6 +159,7 @@ class DiffusionPolicy(BasePolicy):
         self.noise_clip = noise_clip
         self.member_seed = member_seed
         self.initial_noise = initial_noise
+        self.ft_denoising_steps = ft_denoising_steps
         self.value_lr_scale = value_lr_scale
         self.use_sde = use_sde
 
@@ -156,6 +167,11 @@ class DiffusionPolicy(BasePolicy):
         self.action_dim = get_action_dim(action_space)
         self.denoiser = Denoiser(self.action_dim, self.obs_dim, self.net_arch, time_embed_dim, activation_fn)
         self.sampler = ChainSampler(NoiseSchedule(n_train_steps), n_sampling_steps, sampler, min_std, noise_clip)
+        # the first S - K steps act with a frozen copy (kept in sync by load_denoiser_state; saved with the policy)
+        self.first_ft_step = n_sampling_steps - (ft_denoising_steps or n_sampling_steps)
+        self.frozen_denoiser: Denoiser | None = None
+        if self.first_ft_step > 0:
+            self.frozen_denoiser = copy.deepcopy(self.denoiser).requires_grad_(False)
         self.value_net = make_value_net(self.obs_dim, self.value_net_arch, value_activation_fn)
         self.register_buffer("obs_mean", th.zeros(self.obs_dim))
         self.register_buffer("obs_std", th.ones(self.obs_dim))
@@ -194,6 +210,7 @@ class DiffusionPolicy(BasePolicy):
                 noise_clip=self.noise_clip,
                 member_seed=self.member_seed,
                 initial_noise=self.initial_noise,
+                ft_denoising_steps=self.ft_denoising_steps,
                 value_lr_scale=self.value_lr_scale,
                 lr_schedule=self._dummy_schedule,  # not needed to load the policy alone
                 optimizer_class=self.optimizer_class,
@@ -229,6 +246,8 @@ class DiffusionPolicy(BasePolicy):
         :param state_dict: the denoiser's ``state_dict``
         """
         self.denoiser.load_state_dict(state_dict)
+        if self.frozen_denoiser is not None:
+            self.frozen_denoiser.load_state_dict(state_dict)
 
     def load_value_state(self, state_dict: Mapping[str, th.Tensor]) -> None:
         """Load value weights built by :func:`make_value_net` with this policy's ``value_net_arch`` and
@@ -264,7 +283,14 @@ class DiffusionPolicy(BasePolicy):
         """
         cond = self.normalize_observation(obs)
         x_init = self.deterministic_noise if deterministic or self.initial_noise == "seed" else None
-        return self.sampler.sample_chain(self.denoiser, cond, x_init=x_init, deterministic=deterministic)
+        return self.sampler.sample_chain(self.acting_eps_fn(), cond, x_init=x_init, deterministic=deterministic)
+
+    def acting_eps_fn(self) -> Any:
+        """The noise predictor of the whole chain: the fine-tuned denoiser, or (``ft_denoising_steps``) the frozen copy
+        for the first ``S - K`` steps and the fine-tuned one for the last ``K``."""
+        if self.frozen_denoiser is None:
+            return self.denoiser
+        return _SplitDenoiser(self.frozen_denoiser, self.denoiser, int(self.sampler.timesteps[self.first_ft_step]))
 
     def sample_chain_with_values(self, obs: th.Tensor, deterministic: bool = False) -> ChainSample:
         """One rollout step: chain, action, value and (per-step) log-probabilities, for the rollout buffer.
@@ -277,7 +303,7 @@ class DiffusionPolicy(BasePolicy):
         x_init = self.deterministic_noise if deterministic or self.initial_noise == "seed" else None
         # log-densities from the drawn noise: no second denoiser pass (equal to sampler.chain_log_prob up to rounding)
         chain, step_log_prob = self.sampler.sample_chain_with_log_prob(
-            self.denoiser, cond, x_init=x_init, deterministic=deterministic
+            self.acting_eps_fn(), cond, x_init=x_init, deterministic=deterministic
         )
         return ChainSample(
             actions=chain[:, -1].clamp(-1.0, 1.0),
@@ -305,18 +331,21 @@ class DiffusionPolicy(BasePolicy):
 
     # ------------------------------------------------------------------------------------------ scoring
     def chain_means(self, obs: th.Tensor, chains: th.Tensor) -> th.Tensor:
-        """Step means ``mu_j(x_j, s)`` of given chains in ONE batched denoiser call; :return: (B, S, A)."""
-        return self.sampler.chain_means(self.denoiser, chains, self.normalize_observation(obs))
+        """Step means ``mu_j(x_j, s)`` of the fine-tuned steps of given chains in ONE batched denoiser call;
+        :return: (B, K, A) (``K = S`` unless ``ft_denoising_steps``)."""
+        return self.sampler.chain_means(self.denoiser, chains, self.normalize_observation(obs), self.first_ft_step)
 
     def evaluate_chains(self, obs: th.Tensor, chains: th.Tensor) -> ChainEvaluation:
-        """Values, per-step log-probabilities and step means of stored chains under the current weights.
+        """Values, per-step log-probabilities and step means of the fine-tuned steps (the last ``K``; all ``S`` unless
+        ``ft_denoising_steps``) of stored chains under the current weights. The frozen steps are left out: their ratio is
+        exactly 1 and they carry no gradient.
 
         :param obs: (B, O) raw observations
         :param chains: (B, S + 1, A) chains from the rollout buffer
         :return: :class:`~sb3_uepo.common.type_aliases.ChainEvaluation`
         """
         cond = self.normalize_observation(obs)
-        means = self.sampler.chain_means(self.denoiser, chains, cond)
+        means = self.sampler.chain_means(self.denoiser, chains, cond, self.first_ft_step)
         return ChainEvaluation(
             values=self.value_net(cond), step_log_prob=self.sampler.log_prob_from_means(chains, means), means=means
         )
@@ -338,8 +367,23 @@ class DiffusionPolicy(BasePolicy):
         :param reference_means: (B, S, A) the reference's step means
         :return: (B,) KL per chain
         """
-        var = self.sampler.step_std.view(1, -1, 1) ** 2
+        var = self.sampler.step_std[-means.shape[1] :].view(1, -1, 1) ** 2
         return ((means - reference_means) ** 2 / (2 * var)).sum(dim=(1, 2))
+
+
+class _SplitDenoiser:
+    """``eps_fn`` of a chain whose steps above ``split_timestep`` use ``frozen`` and the others ``fine_tuned``; every call
+    of the chain sampler holds one step for the whole batch."""
+
+    def __init__(self, frozen: nn.Module, fine_tuned: nn.Module, split_timestep: int) -> None:
+        self.frozen, self.fine_tuned, self.split_timestep = frozen, fine_tuned, split_timestep
+        self.action_dim = getattr(fine_tuned, "action_dim", None)
+
+    def __call__(self, x: th.Tensor, k: th.Tensor, cond: th.Tensor) -> th.Tensor:
+        if int(k.reshape(-1)[0]) > self.split_timestep:
+            with th.no_grad():
+                return self.frozen(x, k, cond)
+        return self.fine_tuned(x, k, cond)
 
 
 def _split_net_arch(

@@ -328,7 +328,7 @@ class UEPO(OnPolicyAlgorithm):
 
     # ------------------------------------------------------------------------------------------ offline seam
     def pretrain(self, progress_bar: bool = False) -> dict[str, Any]:
-        """Run the offline stages (stages 1-6 of docs/algorithm.md) on ``self.dataset`` and hand the chosen policy to online learning.
+        """Run the offline stages (1-6 in docs/algorithm.md) on ``self.dataset``; hand the chosen policy to online learning.
 
         Never touches the environment: the member handed on is chosen by offline policy evaluation alone. The chosen
         member's weights (and its seed noise) go into the policy, the IQL value into the value network, the dataset's
@@ -764,7 +764,8 @@ class UEPO(OnPolicyAlgorithm):
         if isinstance(self.policy, DiffusionPolicy):
             evaluation = self.policy.evaluate_chains(obs, rollout_data.chains)
             # DPPO: the per-step log-density averaged over action dims
-            step_log_ratio = (evaluation.step_log_prob - rollout_data.old_step_log_prob) / self.policy.action_dim
+            n_ft = evaluation.step_log_prob.shape[1]  # the fine-tuned (last) denoising steps
+            step_log_ratio = (evaluation.step_log_prob - rollout_data.old_step_log_prob[:, -n_ft:]) / self.policy.action_dim
             if self.reference_policy is not None:
                 with th.no_grad():
                     reference_means = self.reference_policy.chain_means(obs, rollout_data.chains)  # type: ignore[union-attr]
