@@ -126,7 +126,7 @@ def test_uni_o4_variant_runs_through_the_same_code():
     result = _run(config=tiny_config("quick+uni_o4"))
     assert result.policy_type == "gaussian" and result.seed_noise is None and result.behavior_state_dict is None
     assert "skipped" in result.stage_reports["behavior"] and "skipped" in result.stage_reports["dynamics"]
-    assert "mean_q" in result.chosen_reason
+    assert "mean IQL Q" in result.chosen_reason and "OPE best scores" in result.chosen_reason
     actor = result.build_policy()
     mean, log_std = actor(torch.zeros(1, 3))
     assert mean.shape == (1, 2) and log_std.shape == (2,)

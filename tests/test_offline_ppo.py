@@ -113,9 +113,27 @@ def test_ope_gate_replaces_only_improved_members(toy):
     assert not torch.equal(improvement.members.params[name][1].detach(), start[name][1])
     assert improvement.best_scores.tolist() == [1.0, 0.0]
     assert improvement.replacements == [1, 0]
-    index, reason = improvement.best_member()
-    assert index == 0 and "OPE" in reason
     assert [h["improved"] for h in improvement.ope_history] == [[False, False], [True, False]]
+    improvement.config.choice_score = "ope"  # the choice by the gate's own scores
+    index, reason = improvement.best_member()
+    assert index == 0 and "highest OPE score" in reason
+
+    # the default choice: the mean min-Q of every member's best-by-OPE policy over dataset states
+    class QCritic(ToyCritic):
+        def q_min(self, obs, actions):
+            return -((actions - TARGET) ** 2).sum(-1)
+
+    improvement.critics = QCritic()
+    improvement.config.choice_score = "mean_q"
+    scores = improvement.choice_scores()
+    assert scores.shape == (2,)
+    index, reason = improvement.best_member()
+    assert index == int(scores.argmax()) and "mean IQL Q" in reason
+    # member 1 still acts as it started; make member 0's previous policy act far from TARGET: member 1 is chosen
+    with torch.no_grad():
+        for value in improvement.old_params.values():
+            value[0].add_(torch.randn_like(value[0]) * 5.0)
+    assert improvement.best_member()[0] == 1
 
 
 def test_ope_policy_fn_is_batched_over_members(toy):

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -254,14 +255,10 @@ def score_offline_stages(
     from sb3_uepo.common.datasets.scores import normalized_score
     from sb3_uepo.common.datasets.validation import DatasetError
 
-    def score(policy_result: Any, member: str = "chosen") -> dict[str, Any]:
+    def score(policy_result: Any, member: str = "chosen", only: Sequence[str] = modes) -> dict[str, Any]:
         model.load_offline_result(policy_result, member=member)
-        return {
-            mode: evaluation.to_dict()
-            for mode, evaluation in evaluate_modes(
-                model, env_id, modes, n_episodes=n_episodes, seed=seed, dataset=dataset
-            ).items()
-        }
+        evaluations = evaluate_modes(model, env_id, only, n_episodes=n_episodes, seed=seed, dataset=dataset)
+        return {mode: evaluation.to_dict() for mode, evaluation in evaluations.items()}
 
     def ope_normalized(value: float | None) -> float | None:
         if value is None or not np.isfinite(value) or result.config.get("ope_score") != "model_return":
@@ -277,15 +274,12 @@ def score_offline_stages(
             rows.append(dict(stage="behavior", member=None, **score(result, member="behavior")))
         for i in range(len(result.initial_member_state_dicts)):
             ope = None if result.initial_ope_scores is None else result.initial_ope_scores[i]
-            rows.append(
-                dict(
-                    stage="members",
-                    member=i,
-                    ope_score=ope,
-                    ope_normalized=ope_normalized(ope),
-                    **score(result.member(i, True)),
-                )
-            )
+            member = result.member(i, True)
+            same_as_behavior = bool(rows) and _same_policy(member, result)  # zero-noise copies of the behaviour model
+            # deterministically the same policy as the behaviour model: only its stochastic chains (from x_0 = 0) differ
+            reuse = [mode for mode in modes if same_as_behavior and mode == "deterministic"]
+            scores = {**{mode: rows[0][mode] for mode in reuse}, **score(member, only=[m for m in modes if m not in reuse])}
+            rows.append(dict(stage="members", member=i, ope_score=ope, ope_normalized=ope_normalized(ope), **scores))
         for i in range(len(result.member_state_dicts)):
             ope = None if result.best_ope_scores is None else result.best_ope_scores[i]
             rows.append(
@@ -303,3 +297,13 @@ def score_offline_stages(
         report["regret"] = float(max(final) - chosen)
         report["random_choice_regret"] = float(max(final) - np.mean(final))
     return report
+
+
+def _same_policy(member: Any, result: Any) -> bool:
+    """The initial member acts exactly as the behaviour model does deterministically (same weights, zero noise)."""
+    import torch
+
+    behavior = result.behavior_state_dict
+    if behavior is None or member.seed_noise is None or bool(member.seed_noise.abs().sum() > 0):
+        return False
+    return all(torch.equal(value, behavior[key]) for key, value in member.policy_state_dict.items())

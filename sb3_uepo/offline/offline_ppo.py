@@ -308,17 +308,39 @@ class OfflinePolicyImprovement:
         self.seconds += time.time() - start
 
     # ------------------------------------------------------------------------------------------ results
+    @torch.no_grad()
+    def choice_scores(self) -> torch.Tensor | None:
+        """Scores (M,) that choose the member handed on: the gate's best OPE scores (``choice_score="ope"``), or the
+        IQL ``mean_b min Q(s_b, pi_i(s_b))`` of every member's best-by-OPE policy over ``choice_n_states`` dataset
+        states drawn uniformly with a fixed seed (``"mean_q"``: in the data's support, where the critic was trained)."""
+        cfg = self.config
+        if cfg.choice_score == "ope":
+            return self.best_scores
+        n = self.obs.shape[0]
+        generator = torch.Generator().manual_seed(cfg.seed + 9)
+        idx = torch.randint(0, n, (min(cfg.choice_n_states, n),), generator=generator).to(self.obs.device)
+        states = self.obs[idx].unsqueeze(0).expand(self.members.n_members, -1, -1)
+        actions = self.policy_fn(previous=True)(states)
+        return self.critics.q_min(states, actions).mean(1).detach().float().cpu()
+
     def best_member(self) -> tuple[int, str]:
-        """Index of the member handed on and why (by OPE alone; never by an environment)."""
+        """Index of the member handed on and why (offline scores alone; never an environment)."""
         m = self.members.n_members
-        if self.best_scores is None:
+        scores = self.choice_scores()
+        if scores is None:
             return 0, "no OPE was run (ope_fn is None): member 0 by convention"
-        index = int(torch.argmax(self.best_scores))
-        best = [round(float(s), 3) for s in self.best_scores]
+        index = int(torch.argmax(scores))
+        best = None if self.best_scores is None else [round(float(s), 3) for s in self.best_scores]
         initial = [round(float(s), 3) for s in self.initial_scores] if self.initial_scores is not None else None
+        by = (
+            f"the highest OPE score ({self.config.ope_score}) of its best-by-OPE policy"
+            if self.config.choice_score == "ope"
+            else f"the highest mean IQL Q over {self.config.choice_n_states} dataset states "
+            f"{[round(float(s), 4) for s in scores]} among the best-by-OPE policies"
+        )
         return index, (
-            f"member {index} of {m} has the highest OPE score ({self.config.ope_score}) of its best-by-OPE policy: "
-            f"best scores {best}, initial {initial}, previous-policy replacements {self.replacements}"
+            f"member {index} of {m} has {by}: OPE best scores {best}, initial {initial}, "
+            f"previous-policy replacements {self.replacements}"
         )
 
     def state_dict(self) -> dict[str, Any]:
