@@ -132,6 +132,19 @@ def test_uni_o4_variant_runs_through_the_same_code():
     assert mean.shape == (1, 2) and log_std.shape == (2,)
 
 
+def test_bc_variant_is_one_gaussian_mlp_by_maximum_likelihood():
+    tiny = {k: v for k, v in TINY.items() if k not in ("n_members", "ppo_steps")}  # the variant keeps its own
+    result = _run(config=resolve_offline_config("quick+bc", {**tiny, "gaussian_bc_steps": 200}))
+    assert result.policy_type == "gaussian" and len(result.member_state_dicts) == 1
+    assert result.stage_reports["offline_ppo"]["steps"] == 0  # no policy improvement: the floor
+    for key, value in result.initial_member_state_dicts[0].items():
+        assert torch.equal(value, result.policy_state_dict[key]), key  # handed on as cloned
+    nll = result.stage_reports["members"]["loss_curve"]
+    assert nll[-1][1] < nll[0][1]  # the likelihood improved
+    config = resolve_offline_config("quick+bc")
+    assert (config.gaussian_bc_steps, config.gaussian_bc_lr, config.gaussian_bc_batch_size) == (10_000, 1e-3, 100)
+
+
 def test_resume_after_an_interruption_redoes_no_completed_stage(tmp_path, monkeypatch):
     reference = _run()
     ckpt = tmp_path / "ckpt"

@@ -9,6 +9,8 @@ name       what it is                                                           
 uepo       UEPO with a ``DiffusionPolicy``: offline pretraining (``preset``), then online PPO fine-tuning   yes
 uni_o4     the Uni-O4 baseline through the same code and budget: UEPO, preset ``<budget>+uni_o4``,          yes
            Gaussian ``MlpPolicy``
+bc         plain behaviour cloning through the same code: preset ``<budget>+bc``, one Gaussian ``MlpPolicy``    yes
+           by maximum likelihood, no offline PPO; online, fine-tuned like ``uni_o4``
 ppo        SB3 PPO from scratch, rl-zoo3's MuJoCo settings (SB3 defaults + ``VecNormalize``)                no
 sac        SB3 SAC from scratch, rl-zoo3's MuJoCo settings (SB3 defaults, ``learning_starts`` 10k, capped   no
            at 10% of the online budget)
@@ -214,11 +216,21 @@ def build_uni_o4(run: Any, dataset: OfflineDataset | None) -> BaseAlgorithm:
     return _build_uepo(run, dataset, "MlpPolicy", uni_o4_preset(run.preset))
 
 
+def build_bc(run: Any, dataset: OfflineDataset | None) -> BaseAlgorithm:
+    """The ``bc`` variant (one Gaussian MLP by maximum likelihood, no offline PPO): the floor of every offline row."""
+    return _build_uepo(run, dataset, "MlpPolicy", variant_preset(run.preset, "bc"))
+
+
 def uni_o4_preset(preset: str | None) -> str:
     """``"quick"`` -> ``"quick+uni_o4"``; a preset that already names the variant is kept."""
+    return variant_preset(preset, "uni_o4")
+
+
+def variant_preset(preset: str | None, variant: str) -> str:
+    """``("quick", "bc")`` -> ``"quick+bc"``; a preset that already names the variant is kept."""
     if not preset:
-        return "uni_o4"
-    return preset if "uni_o4" in preset.split("+") else f"{preset}+uni_o4"
+        return variant
+    return preset if variant in preset.split("+") else f"{preset}+{variant}"
 
 
 def pretrain_uepo(model: BaseAlgorithm, run: Any, dataset: OfflineDataset) -> dict[str, Any]:
@@ -245,6 +257,7 @@ ALGORITHMS: dict[str, Algorithm] = {
     for algo in (
         Algorithm("uepo", "UEPO", needs_dataset=True, offline=True, build=build_uepo, pretrain=pretrain_uepo),
         Algorithm("uni_o4", "Uni-O4 (preset)", needs_dataset=True, offline=True, build=build_uni_o4, pretrain=pretrain_uepo),
+        Algorithm("bc", "BC (Gaussian MLP)", needs_dataset=True, offline=True, build=build_bc, pretrain=pretrain_uepo),
         Algorithm("ppo", "PPO (scratch)", needs_dataset=False, offline=False, build=build_ppo),
         Algorithm("sac", "SAC (scratch)", needs_dataset=False, offline=False, build=build_sac),
         Algorithm("ppo_bc", "PPO + BC init", needs_dataset=True, offline=True, build=build_ppo_bc, pretrain=pretrain_ppo_bc),

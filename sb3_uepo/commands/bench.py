@@ -13,14 +13,14 @@ from typing import Any
 
 from sb3_uepo.commands.train import literal, parse_assignments
 
-ALGO_CHOICES = ("uepo", "uni_o4", "ppo", "sac", "ppo_bc")
+ALGO_CHOICES = ("uepo", "uni_o4", "bc", "ppo", "sac", "ppo_bc")
 DEFAULT_ONLINE_STEPS = 100_000
 # Algorithms whose results depend on the UEPO preset / offline settings / BC budget (the others ignore them, so
 # changing those options does not invalidate their finished runs).
-USES_PRESET = ("uepo", "uni_o4")
-USES_OFFLINE_KWARGS = ("uepo", "uni_o4")
+USES_PRESET = ("uepo", "uni_o4", "bc")
+USES_OFFLINE_KWARGS = ("uepo", "uni_o4", "bc")
 # Training environments per algorithm when --n-envs is not given (rl-zoo3's MuJoCo settings use one for PPO/SAC).
-DEFAULT_N_ENVS = {"uepo": 8, "uni_o4": 8, "ppo": 1, "sac": 1, "ppo_bc": 1}
+DEFAULT_N_ENVS = {"uepo": 8, "uni_o4": 8, "bc": 8, "ppo": 1, "sac": 1, "ppo_bc": 1}
 
 DESCRIPTION = """\
 Benchmark UEPO against the Uni-O4 preset and SB3 baselines under the same online env-step budget.
@@ -28,6 +28,7 @@ Benchmark UEPO against the Uni-O4 preset and SB3 baselines under the same online
 Algorithms (--algos):
   uepo     UEPO, DiffusionPolicy, offline pretraining with --preset, then online fine-tuning
   uni_o4   the Uni-O4 baseline through the same code (UEPO preset uni_o4, Gaussian MlpPolicy)
+  bc       plain behaviour cloning through the same code (preset bc: one Gaussian MLP, no offline PPO)
   ppo      SB3 PPO from scratch (rl-zoo3 MuJoCo settings: SB3 defaults + VecNormalize)
   sac      SB3 SAC from scratch (rl-zoo3 MuJoCo settings: learning_starts 10k, capped at 10% of the budget)
   ppo_bc   PPO whose Gaussian actor is behaviour-cloned on the dataset first (dataset observation statistics)
