@@ -1,6 +1,6 @@
 """Which offline score ranks diffusion members like the real environment does? (the member choice)
 
-UEPO's members share one behaviour model and differ by their seed noise (``member_noise="seed"``), and a member's
+With ``member_noise="seed"`` UEPO's members share one behaviour model and differ by their seed noise, and a member's
 real score depends strongly on that noise (docs/algorithm.md). This script makes ``K`` candidate
 policies (the behaviour model from ``K`` seed noises), scores each in the REAL environment (deterministic, batched:
 all ``K x E`` episodes step together), and compares the offline scores the pipeline can compute without the env:
@@ -93,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
     pretrainer.run()
     data, iql, dynamics = pretrainer.data, pretrainer.outputs["iql"], pretrainer.outputs["dynamics"]
     members = make_diffusion_members(
-        pretrainer.outputs["behavior"], make_sampler(config), args.candidates, 5000 + 100 * args.seed, config.member_noise
+        pretrainer.outputs["behavior"], make_sampler(config), args.candidates, 5000 + 100 * args.seed, "seed"
     )
 
     start = time.perf_counter()
