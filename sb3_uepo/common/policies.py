@@ -257,6 +257,31 @@ class DiffusionPolicy(BasePolicy):
         """
         self.value_net.load_state_dict(state_dict)
 
+    def load_offline_result(self, result: Any, member: str = "chosen") -> None:
+        """Load an offline result: the chosen member's (or the behaviour model's) denoiser, the IQL value, the
+        dataset's observation statistics and the initial noise.
+
+        The chosen member acts from its offline initial noise (zero by default) and, as it was trained, its stochastic
+        chains start there too; the behaviour model (diffusion BC) acts deterministically from ``x_0 = 0`` and
+        stochastically from fresh draws (the data's distribution).
+
+        :param result: an :class:`~sb3_uepo.offline.pipeline.OfflineResult` of diffusion members
+        :param member: ``"chosen"`` or ``"behavior"``
+        """
+        if result.policy_type != "diffusion":
+            raise ValueError(f"a DiffusionPolicy loads diffusion members, got a result of {result.policy_type!r} members")
+        if member == "behavior" and result.behavior_state_dict is None:
+            raise ValueError("member='behavior' needs a result with a behaviour diffusion model")
+        chosen = member == "chosen"
+        self.set_observation_statistics(result.obs_mean, result.obs_std)
+        self.load_denoiser_state(result.policy_state_dict if chosen else result.behavior_state_dict)
+        self.load_value_state(result.value_state_dict)
+        seeded = chosen and result.architecture["sampler"].get("member_noise", "seed") in ("zero", "seed")
+        self.set_deterministic_noise(
+            result.seed_noise if seeded and result.seed_noise is not None else th.zeros(self.action_dim)
+        )
+        self.initial_noise = "seed" if seeded else "random"
+
     def set_deterministic_noise(self, noise: np.ndarray | th.Tensor) -> None:
         """Replace the fixed initial noise ``x_0`` of deterministic actions (by default zero, see ``member_seed``), e.g.
         with an offline member's initial noise. Saved with the model.

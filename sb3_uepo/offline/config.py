@@ -384,6 +384,17 @@ def activation_class(name: str) -> type[nn.Module]:
         raise ValueError(f"Unknown activation {name!r}; use one of {ACTIVATIONS}") from None
 
 
+def activation_name(activation_fn: type[nn.Module]) -> str:
+    """The name in :data:`ACTIVATIONS` of an activation class (``nn.Tanh`` -> ``"tanh"``)."""
+    for name, cls in _ACTIVATION_CLASSES.items():
+        if activation_fn is cls:
+            return name
+    raise ValueError(
+        f"pretraining supports the activations {', '.join(c.__name__ for c in _ACTIVATION_CLASSES.values())}, "
+        f"got {activation_fn.__name__}"
+    )
+
+
 def log_values(logger: Any, prefix: str, values: dict[str, float], step: int) -> None:
     """Record ``values`` under ``prefix/`` on an SB3 logger (``record`` / ``dump``) and dump them at ``step``."""
     if logger is None:

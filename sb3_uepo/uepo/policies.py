@@ -50,6 +50,29 @@ class MlpPolicy(ActorCriticPolicy):
         self.obs_mean.copy_(mean_t)
         self.obs_std.copy_(std_t.clamp(min=1e-6))
 
+    def load_offline_result(self, result: Any, member: str = "chosen") -> None:
+        """Load an offline result of Gaussian members: the chosen actor into ``mlp_extractor.policy_net``,
+        ``action_net`` and ``log_std``, the IQL value split into ``mlp_extractor.value_net`` and ``value_net``, and
+        the dataset's observation statistics.
+
+        :param result: an :class:`~sb3_uepo.offline.pipeline.OfflineResult` of Gaussian members
+        :param member: ``"chosen"`` (Gaussian results have no behaviour diffusion model)
+        """
+        if result.policy_type != "gaussian" or member != "chosen":
+            raise ValueError(
+                f"an MlpPolicy loads the chosen Gaussian member, got member={member!r} of {result.policy_type!r} members"
+            )
+        self.set_observation_statistics(result.obs_mean, result.obs_std)
+        actor = result.policy_state_dict
+        for prefix, module in (("policy_net.", self.mlp_extractor.policy_net), ("action_net.", self.action_net)):
+            module.load_state_dict({k.removeprefix(prefix): v for k, v in actor.items() if k.startswith(prefix)})
+        with th.no_grad():
+            self.log_std.copy_(actor["log_std"])
+        value = result.value_state_dict  # Sequential(*create_mlp(O, 1, arch)): hidden layers, then the output layer
+        last = max(int(k.split(".")[0]) for k in value)
+        self.mlp_extractor.value_net.load_state_dict({k: v for k, v in value.items() if int(k.split(".")[0]) != last})
+        self.value_net.load_state_dict({k.split(".", 1)[1]: v for k, v in value.items() if int(k.split(".")[0]) == last})
+
     def normalize_obs(self, obs: PyTorchObs) -> th.Tensor:
         """``(obs - mean) / std`` with the fixed statistics."""
         assert isinstance(obs, th.Tensor), "MlpPolicy takes flat Box observations"

@@ -2,7 +2,7 @@
 
 Owns: :class:`UEPO` (rollout collection with chains, the chain-PPO loss with the denoising-step discount, the decaying
 KL to a frozen reference policy, the value warm-up, save/load declarations) and the seam through which the offline
-stages hand over their policy (:meth:`UEPO.pretrain`, :meth:`UEPO.load_offline_policy`,
+stages hand over their policy (:meth:`UEPO.pretrain`, :meth:`UEPO.load_offline_result`,
 :meth:`UEPO.set_reference_policy`). Must not touch: the offline stages themselves (``offline/``), the networks
 (``common/policies.py``), rollout storage (``common/buffers.py``), the diffusion formulas (``common/diffusion.py``).
 
@@ -47,6 +47,7 @@ from torch.nn import functional as F
 
 from sb3_uepo.common.buffers import DiffusionRolloutBuffer
 from sb3_uepo.uepo.defaults import AUTO, resolve_auto_arguments
+from sb3_uepo.uepo.handover import check_gaussian_action_bounds, offline_config_for, policy_kwargs_from_offline
 from sb3_uepo.uepo.policies import DiffusionPolicy, MlpPolicy
 
 SelfUEPO = TypeVar("SelfUEPO", bound="UEPO")
@@ -246,7 +247,10 @@ class UEPO(OnPolicyAlgorithm):
         if dataset is not None:
             # Fail at construction on a bad preset / offline key, and let the offline settings fill the policy
             # architecture where policy_kwargs is silent (so that the offline networks load into the policy).
-            self._fill_policy_kwargs_from_offline_config()
+            from sb3_uepo.offline.config import resolve_offline_config
+
+            config = resolve_offline_config(preset or "default", offline_kwargs)
+            policy_kwargs_from_offline(self.policy_class, config, self.policy_kwargs)
         self.reference_policy = None
         self._reference_policy_set = False  # set_reference_policy() was called: keep a reference even if kl_ref_coef == 0
         self._n_train_rounds = 0  # calls of train(), i.e. rollouts learned from (value warm-up, KL decay)
@@ -349,7 +353,7 @@ class UEPO(OnPolicyAlgorithm):
         dataset = self._resolve_dataset()
         config = self.offline_config()
         if not isinstance(self.policy, DiffusionPolicy):
-            self._check_gaussian_action_bounds()
+            check_gaussian_action_bounds(self.action_space)
         pretrainer = OfflinePretrainer(
             dataset,
             self.observation_space,
@@ -403,188 +407,24 @@ class UEPO(OnPolicyAlgorithm):
 
     def offline_config(self) -> Any:
         """The :class:`~sb3_uepo.offline.config.OfflineConfig` that :meth:`pretrain` runs: preset +
-        ``offline_kwargs``, with the architecture, seed and gamma of this model. Raises ``ValueError`` when the policy and
-        the preset do not fit together (a DiffusionPolicy with ``uni_o4``, an MlpPolicy without it, conflicting sizes)."""
-        from sb3_uepo.offline.config import resolve_offline_config
-
-        user = dict(self.offline_kwargs or {})
-        config = resolve_offline_config(self.preset or "default", user)
-        policy_name = type(self.policy).__name__
-        if isinstance(self.policy, DiffusionPolicy):
-            if config.policy_type != "diffusion":
-                raise ValueError(
-                    f"preset {self.preset!r} pretrains Gaussian members (the Uni-O4 baseline): use UEPO('MlpPolicy', ...), "
-                    "or drop 'uni_o4' from the preset to pretrain the DiffusionPolicy"
-                )
-            if self.policy.activation_fn is not nn.Mish:
-                raise ValueError(
-                    "the offline denoiser uses Mish activations: pretraining needs the DiffusionPolicy's default "
-                    f"activation_fn=nn.Mish, got {self.policy.activation_fn.__name__}"
-                )
-            arch: dict[str, Any] = dict(
-                denoiser_hidden_sizes=tuple(self.policy.net_arch),
-                time_embed_dim=self.policy.time_embed_dim,
-                n_diffusion_steps=self.policy.n_train_steps,
-                n_sampling_steps=self.policy.n_sampling_steps,
-                sampler=self.policy.sampler_name,
-                min_std=self.policy.min_std,
-                value_net_arch=tuple(self.policy.value_net_arch),
-                value_activation=_activation_name(self.policy.value_activation_fn),
-            )
-        else:
-            if config.policy_type != "gaussian":
-                raise ValueError(
-                    f"UEPO('{policy_name}') pretrains Gaussian members, which the preset {self.preset!r} does not: "
-                    f"use preset='{(self.preset or 'default').split('+')[0]}+uni_o4' (the Uni-O4 baseline), "
-                    "or policy='DiffusionPolicy'"
-                )
-            pi_arch, vf_arch = _gaussian_net_arch(self.policy)  # type: ignore[arg-type]
-            activation = _activation_name(self.policy.activation_fn)  # type: ignore[union-attr]
-            arch = dict(
-                gaussian_hidden_sizes=tuple(pi_arch),
-                gaussian_activation=activation,
-                value_net_arch=tuple(vf_arch),
-                value_activation=activation,
-            )
-        conflicts = [
-            f"{key}={user[key]!r} (policy: {value!r})"
-            for key, value in arch.items()
-            if key in user and (tuple(user[key]) if isinstance(user[key], list) else user[key]) != value
-        ]
-        if conflicts:
-            raise ValueError(
-                f"offline_kwargs set an architecture different from the {policy_name}'s: {', '.join(conflicts)}. "
-                "The offline networks are loaded into the policy, so they must match: set the architecture in "
-                "policy_kwargs only (or the same value in both)."
-            )
-        if "seed" not in user and self.seed is not None:
-            arch["seed"] = int(self.seed)
-        if "gamma" not in user:
-            arch["gamma"] = float(self.gamma)
-        return resolve_offline_config(config, arch)
-
-    def _fill_policy_kwargs_from_offline_config(self) -> None:
-        """Where ``policy_kwargs`` is silent, take the policy architecture from the offline settings."""
-        from sb3_uepo.offline.config import activation_class, resolve_offline_config
-
-        config = resolve_offline_config(self.preset or "default", self.offline_kwargs)
-        kwargs = self.policy_kwargs
-        if issubclass(self.policy_class, DiffusionPolicy):
-            defaults: dict[str, Any] = dict(
-                net_arch=list(config.denoiser_hidden_sizes),
-                time_embed_dim=config.time_embed_dim,
-                n_train_steps=config.n_diffusion_steps,
-                n_sampling_steps=config.n_sampling_steps,
-                sampler=config.sampler,
-                min_std=config.min_std,
-                value_activation_fn=activation_class(config.value_activation),
-            )
-            if not (isinstance(kwargs.get("net_arch"), dict) and "vf" in kwargs["net_arch"]):
-                defaults["value_net_arch"] = list(config.value_net_arch)
-        elif issubclass(self.policy_class, ActorCriticPolicy):
-            defaults = dict(
-                net_arch=dict(pi=list(config.gaussian_hidden_sizes), vf=list(config.value_net_arch)),
-                activation_fn=activation_class(config.gaussian_activation),
-            )
-        else:
-            return
-        for key, value in defaults.items():
-            kwargs.setdefault(key, value)
-
-    def _check_gaussian_action_bounds(self) -> None:
-        low, high = self.action_space.low, self.action_space.high  # type: ignore[union-attr]
-        if not (np.allclose(low, -1.0) and np.allclose(high, 1.0)):
-            raise ValueError(
-                "the Gaussian MlpPolicy acts in env units while the offline members act in [-1, 1]: pretraining it needs "
-                f"an action space of [-1, 1] (got low={low}, high={high}); wrap the env in "
-                "gymnasium.wrappers.RescaleAction(env, -1.0, 1.0), or use the DiffusionPolicy (it rescales itself)"
-            )
+        ``offline_kwargs``, with the architecture, seed and gamma of this model (``handover.offline_config_for``).
+        Raises ``ValueError`` when the policy and the preset do not fit together."""
+        return offline_config_for(self.policy, self.preset, self.offline_kwargs, self.seed, self.gamma)
 
     def load_offline_result(self, result: Any, member: str = "chosen") -> None:
-        """Put an offline result into the policy as :meth:`pretrain` does (weights, IQL value, observation statistics,
-        seed noise; the KL reference when ``kl_ref_coef > 0``), e.g. a result of
-        :func:`~sb3_uepo.offline.pipeline.pretrain` run with :meth:`offline_config` elsewhere.
+        """Put an offline result into the policy as :meth:`pretrain` does (the policy's own ``load_offline_result``:
+        weights, IQL value, observation statistics, initial noise), then freeze the KL reference when
+        ``kl_ref_coef > 0``; e.g. a result of :func:`~sb3_uepo.offline.pipeline.pretrain` run with
+        :meth:`offline_config` elsewhere, or one of its members (``result.member(i)``).
 
         :param result: an :class:`~sb3_uepo.offline.pipeline.OfflineResult`
-        :param member: ``"chosen"`` (the member chosen by OPE) or ``"behavior"`` (the behaviour diffusion model of
-            stage 1, i.e. diffusion BC, acting from fresh noise; DiffusionPolicy only)
+        :param member: ``"chosen"`` (the member chosen offline) or ``"behavior"`` (the behaviour diffusion model of
+            stage 1, i.e. diffusion BC; DiffusionPolicy only)
         """
         if member not in ("chosen", "behavior"):
             raise ValueError(f"member must be 'chosen' or 'behavior', got {member!r}")
-        if member == "behavior" and (not isinstance(self.policy, DiffusionPolicy) or result.behavior_state_dict is None):
-            raise ValueError("member='behavior' needs a DiffusionPolicy and a result with a behaviour diffusion model")
-        if isinstance(self.policy, DiffusionPolicy):
-            chosen = member == "chosen"
-            self.load_offline_policy(
-                denoiser_state=result.policy_state_dict if chosen else result.behavior_state_dict,
-                value_state=result.value_state_dict,
-                obs_mean=result.obs_mean,
-                obs_std=result.obs_std,
-                set_reference=False,
-            )
-            # the chosen member acts from its offline initial noise (zero by default); the behaviour model
-            # deterministically from the prior's mode, stochastically from fresh draws (the data's distribution)
-            seeded = chosen and result.architecture["sampler"].get("member_noise", "seed") in ("zero", "seed")
-            noise = result.seed_noise if seeded and result.seed_noise is not None else th.zeros(self.policy.action_dim)
-            self.policy.set_deterministic_noise(noise)
-            self.policy.initial_noise = "seed" if seeded else "random"
-        else:
-            policy = self.policy
-            policy.set_observation_statistics(result.obs_mean, result.obs_std)  # type: ignore[union-attr]
-            actor = result.policy_state_dict
-            policy.mlp_extractor.policy_net.load_state_dict(  # type: ignore[union-attr]
-                {k.removeprefix("policy_net."): v for k, v in actor.items() if k.startswith("policy_net.")}
-            )
-            policy.action_net.load_state_dict(  # type: ignore[union-attr]
-                {k.removeprefix("action_net."): v for k, v in actor.items() if k.startswith("action_net.")}
-            )
-            with th.no_grad():
-                policy.log_std.copy_(actor["log_std"])  # type: ignore[union-attr, operator]
-            value = result.value_state_dict
-            last = max(int(k.split(".")[0]) for k in value)
-            policy.mlp_extractor.value_net.load_state_dict(  # type: ignore[union-attr]
-                {k: v for k, v in value.items() if int(k.split(".")[0]) != last}
-            )
-            policy.value_net.load_state_dict(  # type: ignore[union-attr]
-                {k.split(".", 1)[1]: v for k, v in value.items() if int(k.split(".")[0]) == last}
-            )
+        self.policy.load_offline_result(result, member=member)  # type: ignore[union-attr]
         if self.kl_ref_coef > 0.0:
-            self.set_reference_policy()
-
-    def load_offline_policy(
-        self,
-        policy_state: dict[str, th.Tensor] | None = None,
-        denoiser_state: dict[str, th.Tensor] | None = None,
-        value_state: dict[str, th.Tensor] | None = None,
-        obs_mean: np.ndarray | th.Tensor | None = None,
-        obs_std: np.ndarray | th.Tensor | None = None,
-        set_reference: bool = True,
-    ) -> None:
-        """Put offline results into the policy, then (by default) freeze it as the KL reference.
-
-        :param policy_state: a full ``state_dict`` of the policy (either policy class)
-        :param denoiser_state: the denoiser's ``state_dict`` (DiffusionPolicy)
-        :param value_state: the value network's ``state_dict`` (DiffusionPolicy; built with
-            :func:`~sb3_uepo.common.policies.make_value_net`)
-        :param obs_mean: (O,) fixed observation mean (DiffusionPolicy; both or neither of obs_mean and obs_std)
-        :param obs_std: (O,) fixed observation std
-        :param set_reference: freeze the resulting policy as the reference of the KL term
-        """
-        if policy_state is not None:
-            self.policy.load_state_dict(policy_state)
-        parts = {"denoiser_state": denoiser_state, "value_state": value_state, "obs_mean": obs_mean, "obs_std": obs_std}
-        if any(value is not None for value in parts.values()) and not isinstance(self.policy, DiffusionPolicy):
-            raise ValueError(f"{', '.join(k for k, v in parts.items() if v is not None)} apply to a DiffusionPolicy only")
-        if (obs_mean is None) != (obs_std is None):
-            raise ValueError("give both obs_mean and obs_std, or neither")
-        if isinstance(self.policy, DiffusionPolicy):
-            if obs_mean is not None and obs_std is not None:
-                self.policy.set_observation_statistics(obs_mean, obs_std)
-            if denoiser_state is not None:
-                self.policy.load_denoiser_state(denoiser_state)
-            if value_state is not None:
-                self.policy.load_value_state(value_state)
-        if set_reference:
             self.set_reference_policy()
 
     def set_reference_policy(self, policy_state: dict[str, th.Tensor] | None = None) -> None:
@@ -936,24 +776,3 @@ def _spaces_error(error: ValueError, what: str) -> ValueError:
         f"{what}: the model was trained on different spaces ({error}). Use the environment the model was trained on "
         "(same observation and action spaces), or load with env=None for prediction only."
     )
-
-
-_ACTIVATION_NAMES = {nn.Tanh: "tanh", nn.ReLU: "relu", nn.Mish: "mish", nn.SiLU: "silu", nn.ELU: "elu"}
-
-
-def _activation_name(activation_fn: type[nn.Module]) -> str:
-    try:
-        return _ACTIVATION_NAMES[activation_fn]
-    except KeyError:
-        raise ValueError(
-            f"pretraining supports the activations {', '.join(c.__name__ for c in _ACTIVATION_NAMES)}, "
-            f"got {activation_fn.__name__}"
-        ) from None
-
-
-def _gaussian_net_arch(policy: ActorCriticPolicy) -> tuple[list[int], list[int]]:
-    """(actor widths, value widths) of an ``ActorCriticPolicy``'s ``net_arch`` (a list is shared by both)."""
-    net_arch = policy.net_arch
-    if isinstance(net_arch, dict):
-        return list(net_arch.get("pi", [])), list(net_arch.get("vf", []))
-    return list(net_arch), list(net_arch)
