@@ -9,7 +9,6 @@ import torch
 from stable_baselines3.common.torch_layers import create_mlp
 from torch import nn
 
-from sb3_uepo.common.datasets.container import OfflineDataset
 from sb3_uepo.offline import pipeline as pipeline_module
 from sb3_uepo.offline.config import resolve_offline_config
 from sb3_uepo.offline.offline_ppo import OfflinePolicyImprovement
@@ -20,60 +19,15 @@ pytestmark = pytest.mark.filterwarnings("ignore:No termination rule is known")
 OBS_SPACE = gym.spaces.Box(-np.inf, np.inf, (3,), np.float32)
 ACT_SPACE = gym.spaces.Box(np.array([-2.0, 0.0], np.float32), np.array([2.0, 1.0], np.float32))
 
-TINY = dict(
-    n_members=2,
-    n_diffusion_steps=6,
-    n_sampling_steps=3,
-    denoiser_hidden_sizes=(16, 16),
-    time_embed_dim=8,
-    behavior_steps=20,
-    iql_steps=20,
-    q_hidden_sizes=(16, 16),
-    value_net_arch=(16, 16),
-    gaussian_hidden_sizes=(16, 16),
-    gaussian_bc_steps=20,
-    ppo_steps=6,
-    ppo_batch_size=16,
-    ope_interval=3,
-    perturb_interval=3,
-    ope_horizon=4,
-    ope_n_starts=8,
-    segment_length=4,
-    segment_batch_size=4,
-    dynamics=dict(ensemble_size=3, n_elites=2, hidden_sizes=(16, 16), max_steps=20, eval_interval=10),
-    augmentation=dict(ratio=0.2, train_steps=10, hidden_sizes=(16, 16), reference_size=100, n_sampling_steps=4),
-)
 
+@pytest.fixture
+def run_pipeline(tiny_dataset, tiny_config):
+    """``run_pipeline(dataset=None, config=None, **kwargs)``: the offline phase on the tiny data and settings."""
 
-def tiny_dataset(n_episodes=8, length=25, seed=0, name="tiny"):
-    rng = np.random.default_rng(seed)
-    obs, next_obs, actions, rewards, starts, terminals, timeouts = [], [], [], [], [], [], []
-    for _ in range(n_episodes):
-        s = rng.normal(size=3)
-        for t in range(length):
-            a = np.clip(np.array([np.tanh(s[0]) * 1.5, 0.5 + 0.3 * np.tanh(s[1])]) + rng.normal(0, 0.2, 2), [-2, 0], [2, 1])
-            s2 = 0.9 * s + 0.1 * np.array([a[0], a[1], a[0] - a[1]]) + rng.normal(0, 0.05, 3)
-            obs.append(s), actions.append(a), next_obs.append(s2), rewards.append(1.0 - abs(s2[0]))
-            starts.append(t == 0), terminals.append(False), timeouts.append(t == length - 1)
-            s = s2
-    return OfflineDataset(
-        name=name,
-        observations=np.array(obs),
-        actions=np.array(actions),
-        rewards=np.array(rewards),
-        next_observations=np.array(next_obs),
-        terminals=np.array(terminals),
-        timeouts=np.array(timeouts),
-        episode_starts=np.array(starts),
-    )
+    def run(dataset=None, config=None, **kwargs):
+        return pretrain(dataset or tiny_dataset(), OBS_SPACE, ACT_SPACE, config or tiny_config(), progress_bar=False, **kwargs)
 
-
-def tiny_config(preset="quick", **overrides):
-    return resolve_offline_config(preset, {**TINY, **overrides})
-
-
-def _run(dataset=None, config=None, **kwargs):
-    return pretrain(dataset or tiny_dataset(), OBS_SPACE, ACT_SPACE, config or tiny_config(), progress_bar=False, **kwargs)
+    return run
 
 
 @pytest.fixture(autouse=True)
@@ -87,8 +41,8 @@ def _no_env(monkeypatch):
     monkeypatch.setattr(gym.Env, "step", forbidden)
 
 
-def test_pretrain_end_to_end(tmp_path):
-    result = _run(checkpoint_dir=tmp_path / "ckpt")
+def test_pretrain_end_to_end(tmp_path, run_pipeline):
+    result = run_pipeline(checkpoint_dir=tmp_path / "ckpt")
     assert 0 <= result.chosen_member < 2 and "OPE" in result.chosen_reason
     assert result.policy_type == "diffusion" and result.seed_noise.shape == (2,)
     assert len(result.initial_ope_scores) == 2 and len(result.best_ope_scores) == 2
@@ -122,8 +76,8 @@ def test_pretrain_end_to_end(tmp_path):
     ]
 
 
-def test_uni_o4_variant_runs_through_the_same_code():
-    result = _run(config=tiny_config("quick+uni_o4"))
+def test_uni_o4_variant_runs_through_the_same_code(run_pipeline, tiny_config):
+    result = run_pipeline(config=tiny_config("quick+uni_o4"))
     assert result.policy_type == "gaussian" and result.seed_noise is None and result.behavior_state_dict is None
     assert "skipped" in result.stage_reports["behavior"] and "skipped" in result.stage_reports["dynamics"]
     assert "mean IQL Q" in result.chosen_reason and "OPE best scores" in result.chosen_reason
@@ -132,9 +86,9 @@ def test_uni_o4_variant_runs_through_the_same_code():
     assert mean.shape == (1, 2) and log_std.shape == (2,)
 
 
-def test_bc_variant_is_one_gaussian_mlp_by_maximum_likelihood():
-    tiny = {k: v for k, v in TINY.items() if k not in ("n_members", "ppo_steps")}  # the variant keeps its own
-    result = _run(config=resolve_offline_config("quick+bc", {**tiny, "gaussian_bc_steps": 200}))
+def test_bc_variant_is_one_gaussian_mlp_by_maximum_likelihood(run_pipeline, tiny_offline):
+    tiny = {k: v for k, v in tiny_offline.items() if k not in ("n_members", "ppo_steps")}  # the variant keeps its own
+    result = run_pipeline(config=resolve_offline_config("quick+bc", {**tiny, "gaussian_bc_steps": 200}))
     assert result.policy_type == "gaussian" and len(result.member_state_dicts) == 1
     assert result.stage_reports["offline_ppo"]["steps"] == 0  # no policy improvement: the floor
     for key, value in result.initial_member_state_dicts[0].items():
@@ -145,8 +99,8 @@ def test_bc_variant_is_one_gaussian_mlp_by_maximum_likelihood():
     assert (config.gaussian_bc_steps, config.gaussian_bc_lr, config.gaussian_bc_batch_size) == (10_000, 1e-3, 100)
 
 
-def test_resume_after_an_interruption_redoes_no_completed_stage(tmp_path, monkeypatch):
-    reference = _run()
+def test_resume_after_an_interruption_redoes_no_completed_stage(tmp_path, monkeypatch, run_pipeline):
+    reference = run_pipeline()
     ckpt = tmp_path / "ckpt"
 
     def crash(self):
@@ -155,7 +109,7 @@ def test_resume_after_an_interruption_redoes_no_completed_stage(tmp_path, monkey
     with monkeypatch.context() as patch:
         patch.setattr(OfflinePretrainer, "_stage_members", crash)
         with pytest.raises(RuntimeError, match="simulated crash"):
-            _run(checkpoint_dir=ckpt)
+            run_pipeline(checkpoint_dir=ckpt)
     progress = json.loads((ckpt / "progress.json").read_text())
     assert progress["completed"] == ["behavior", "iql", "dynamics"]
 
@@ -167,7 +121,7 @@ def test_resume_after_an_interruption_redoes_no_completed_stage(tmp_path, monkey
     import sb3_uepo.offline.dynamics as dynamics_module
 
     monkeypatch.setattr(dynamics_module, "fit_dynamics", must_not_run)
-    resumed = _run(checkpoint_dir=ckpt)
+    resumed = run_pipeline(checkpoint_dir=ckpt)
     # nothing lost: the resumed run equals an uninterrupted one
     assert resumed.chosen_member == reference.chosen_member
     for key, value in reference.policy_state_dict.items():
@@ -175,8 +129,8 @@ def test_resume_after_an_interruption_redoes_no_completed_stage(tmp_path, monkey
     assert resumed.best_ope_scores == pytest.approx(reference.best_ope_scores, rel=1e-4)
 
 
-def test_resume_inside_offline_ppo(tmp_path, monkeypatch):
-    reference = _run()
+def test_resume_inside_offline_ppo(tmp_path, monkeypatch, run_pipeline):
+    reference = run_pipeline()
     ckpt = tmp_path / "ckpt"
     original = OfflinePolicyImprovement.train_step
 
@@ -188,7 +142,7 @@ def test_resume_inside_offline_ppo(tmp_path, monkeypatch):
     with monkeypatch.context() as patch:
         patch.setattr(OfflinePolicyImprovement, "train_step", crash_at_step_4)
         with pytest.raises(RuntimeError, match="during offline PPO"):
-            _run(checkpoint_dir=ckpt)
+            run_pipeline(checkpoint_dir=ckpt)
     partial = torch.load(ckpt / "stage_offline_ppo.partial.pt", weights_only=False)
     assert partial["step_count"] == 3  # the checkpoint of the OPE at step 3
 
@@ -199,45 +153,45 @@ def test_resume_inside_offline_ppo(tmp_path, monkeypatch):
         return original(self)
 
     monkeypatch.setattr(OfflinePolicyImprovement, "train_step", counting)
-    resumed = _run(checkpoint_dir=ckpt)
+    resumed = run_pipeline(checkpoint_dir=ckpt)
     assert steps_run == [3, 4, 5]
     assert not (ckpt / "stage_offline_ppo.partial.pt").exists()
     for key, value in reference.policy_state_dict.items():
         assert torch.allclose(resumed.policy_state_dict[key], value, atol=1e-5), key
 
 
-def test_changed_config_in_the_same_checkpoint_dir_is_refused(tmp_path):
-    _run(config=tiny_config(ppo_steps=0), checkpoint_dir=tmp_path)
+def test_changed_config_in_the_same_checkpoint_dir_is_refused(tmp_path, run_pipeline, tiny_config):
+    run_pipeline(config=tiny_config(ppo_steps=0), checkpoint_dir=tmp_path)
     with pytest.raises(ValueError, match="different config or dataset"):
-        _run(config=tiny_config(ppo_steps=3), checkpoint_dir=tmp_path)
-    result = _run(config=tiny_config(ppo_steps=3), checkpoint_dir=tmp_path, resume=False)
+        run_pipeline(config=tiny_config(ppo_steps=3), checkpoint_dir=tmp_path)
+    result = run_pipeline(config=tiny_config(ppo_steps=3), checkpoint_dir=tmp_path, resume=False)
     assert result.ope_history[-1]["step"] == 3
 
 
-def test_dataset_too_small_for_the_segment_length():
+def test_dataset_too_small_for_the_segment_length(run_pipeline, tiny_config, tiny_dataset):
     with pytest.raises(ValueError, match=r"too small for the segment length T=8"):
-        _run(dataset=tiny_dataset(n_episodes=4, length=5), config=tiny_config(segment_length=8))
+        run_pipeline(dataset=tiny_dataset(n_episodes=4, length=5), config=tiny_config(segment_length=8))
 
 
-def test_nan_rewards_are_a_clear_error():
+def test_nan_rewards_are_a_clear_error(run_pipeline, tiny_dataset):
     dataset = tiny_dataset()
     dataset.rewards[7] = np.nan
     with pytest.raises(ValueError, match=r"field 'rewards' holds NaN.*first at index 7"):
-        _run(dataset=dataset)
+        run_pipeline(dataset=dataset)
 
 
-def test_mismatched_spaces_are_a_clear_error():
+def test_mismatched_spaces_are_a_clear_error(tiny_config, tiny_dataset):
     with pytest.raises(ValueError, match="'observations' has 3 values per step"):
         pretrain(tiny_dataset(), gym.spaces.Box(-1, 1, (5,)), ACT_SPACE, tiny_config(), progress_bar=False)
     with pytest.raises(ValueError, match="must be a gymnasium Box"):
         pretrain(tiny_dataset(), OBS_SPACE, gym.spaces.Discrete(2), tiny_config(), progress_bar=False)
 
 
-def test_stages_log_to_the_sb3_logger(tmp_path):
+def test_stages_log_to_the_sb3_logger(tmp_path, run_pipeline):
     from stable_baselines3.common.logger import configure
 
     logger = configure(str(tmp_path / "log"), ["csv"])
-    _run(logger=logger)
+    run_pipeline(logger=logger)
     header = (tmp_path / "log" / "progress.csv").read_text().splitlines()[0].split(",")
     for key in ("offline/behavior/loss", "offline/iql/value_loss", "offline/offline_ppo/policy_loss", "offline/ope/score_0"):
         assert key in header, key
@@ -245,7 +199,7 @@ def test_stages_log_to_the_sb3_logger(tmp_path):
 
 
 @pytest.mark.parametrize("where", ["episode_starts", "any"])
-def test_ope_starts_where_the_config_says(monkeypatch, where):
+def test_ope_starts_where_the_config_says(monkeypatch, where, tiny_config, tiny_dataset):
     """``ope_start_states``: the OPE rollouts start from dataset episode starts (the task's objective) or any state,
     undiscounted without V by default, with the configured uncertainty penalty."""
     from sb3_uepo.offline import ope as ope_module

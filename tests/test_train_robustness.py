@@ -11,7 +11,6 @@ import time
 
 import numpy as np
 import pytest
-from test_uepo_offline import TINY_OFFLINE, pendulum_dataset
 
 from sb3_uepo.cli import main
 
@@ -34,16 +33,22 @@ def write_npz(path, dataset):
 
 
 @pytest.fixture
-def pendulum_npz(tmp_path):
+def pendulum_npz(tmp_path, pendulum_dataset):
     return write_npz(tmp_path / "pendulum.npz", pendulum_dataset())
 
 
-def tiny_train_args(npz, out, offline=None):
-    offline = {**TINY_OFFLINE, **(offline or {})}
-    return [
-        "train", "--env", "Pendulum-v1", "--dataset", str(npz), "--online-steps", "32", "--out", str(out),
-        "--offline", *[f"{k}={v!r}" for k, v in offline.items()], *SIZES, *TINY_ONLINE,
-    ]  # fmt: skip
+@pytest.fixture
+def tiny_train_args(tiny_offline_kwargs):
+    """``tiny_train_args(npz, out, offline=None)``: `uepo train` arguments of a seconds-long run on the npz data."""
+
+    def make(npz, out, offline=None):
+        offline = {**tiny_offline_kwargs, **(offline or {})}
+        return [
+            "train", "--env", "Pendulum-v1", "--dataset", str(npz), "--online-steps", "32", "--out", str(out),
+            "--offline", *[f"{k}={v!r}" for k, v in offline.items()], *SIZES, *TINY_ONLINE,
+        ]  # fmt: skip
+
+    return make
 
 
 @pytest.mark.parametrize(
@@ -80,7 +85,7 @@ def test_a_dataset_without_env_id_needs_env(tmp_path, capsys, pendulum_npz):
     assert not (tmp_path / "run.json").exists()
 
 
-def test_eval_episodes_zero_skips_evaluation_and_keeps_the_pretraining(tmp_path, pendulum_npz):
+def test_eval_episodes_zero_skips_evaluation_and_keeps_the_pretraining(tmp_path, pendulum_npz, tiny_train_args):
     out = tmp_path / "run"
     args = tiny_train_args(pendulum_npz, out)
     args[args.index("--eval-episodes") + 1] = "0"
@@ -90,7 +95,7 @@ def test_eval_episodes_zero_skips_evaluation_and_keeps_the_pretraining(tmp_path,
     assert (tmp_path / "run_offline" / "progress.json").is_file()
 
 
-def test_a_second_run_on_the_same_out_is_refused_and_a_stale_lock_taken_over(tmp_path, capsys, pendulum_npz):
+def test_a_second_run_on_the_same_out_is_refused_and_a_stale_lock_taken_over(tmp_path, capsys, pendulum_npz, tiny_train_args):
     out = tmp_path / "run"
     owner = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     try:
@@ -107,7 +112,7 @@ def test_a_second_run_on_the_same_out_is_refused_and_a_stale_lock_taken_over(tmp
     assert out.with_suffix(".json").is_file() and not (tmp_path / "run.lock").exists()
 
 
-def test_pretrain_dir_is_locked_too(tmp_path, pendulum_npz):
+def test_pretrain_dir_is_locked_too(tmp_path, pendulum_npz, pendulum_dataset, tiny_offline_kwargs):
     from sb3_uepo import UEPO
     from sb3_uepo.common.io import LockedError
 
@@ -120,7 +125,7 @@ def test_pretrain_dir_is_locked_too(tmp_path, pendulum_npz):
             "Pendulum-v1",
             dataset=pendulum_dataset(),
             preset="quick",
-            offline_kwargs=dict(TINY_OFFLINE),
+            offline_kwargs=dict(tiny_offline_kwargs),
             policy_kwargs=dict(net_arch=[16, 16], value_net_arch=[16, 16], time_embed_dim=8, n_train_steps=6),
             pretrain_dir=str(tmp_path / "offline"),
         )
@@ -151,7 +156,7 @@ def _wait_for_stage(progress, stage, process, timeout=120):
 
 
 @pytest.mark.parametrize("how", ["kill", "sigterm"])
-def test_an_interrupted_run_resumes_from_its_finished_stages(tmp_path, pendulum_npz, how):
+def test_an_interrupted_run_resumes_from_its_finished_stages(tmp_path, pendulum_npz, how, tiny_train_args):
     """The IQL stage is long enough here to be stopped in the middle (SIGKILL by pid, or SIGTERM)."""
     out = tmp_path / "run"
     args = [*tiny_train_args(pendulum_npz, out, {"iql_steps": 200_000}), "--no-progress"]
@@ -189,7 +194,7 @@ def test_an_interrupted_run_resumes_from_its_finished_stages(tmp_path, pendulum_
     assert "[offline] behavior" not in second
 
 
-def test_a_corrupted_checkpoint_is_recomputed_with_a_warning(tmp_path, pendulum_npz, capsys):
+def test_a_corrupted_checkpoint_is_recomputed_with_a_warning(tmp_path, pendulum_npz, capsys, tiny_train_args):
     out = tmp_path / "run"
     assert main([*tiny_train_args(pendulum_npz, out), "--no-progress"]) == 0
     stage = tmp_path / "run_offline" / "stage_iql.pt"
@@ -204,7 +209,7 @@ def test_a_corrupted_checkpoint_is_recomputed_with_a_warning(tmp_path, pendulum_
         assert main([*tiny_train_args(pendulum_npz, out), *QUIET]) == 0
 
 
-def test_checkpoints_of_another_config_are_reported_and_restart_discards_them(tmp_path, pendulum_npz, capsys):
+def test_checkpoints_of_another_config_are_reported_and_restart_discards_them(tmp_path, pendulum_npz, capsys, tiny_train_args):
     out = tmp_path / "run"
     assert main([*tiny_train_args(pendulum_npz, out), *QUIET]) == 0
     other = tiny_train_args(pendulum_npz, out, {"iql_steps": 30})

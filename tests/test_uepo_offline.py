@@ -8,47 +8,13 @@ import pytest
 import torch as th
 from gymnasium.wrappers import RescaleAction
 from stable_baselines3.common.env_util import make_vec_env
-from test_offline_pipeline import TINY
 
 from sb3_uepo import UEPO
-from sb3_uepo.common.datasets.container import OfflineDataset
 from sb3_uepo.offline.pipeline import pretrain as pipeline_pretrain
 
 pytestmark = pytest.mark.filterwarnings("ignore:No termination rule is known")
 
-# tiny budgets of every offline stage (those of tests/test_offline_pipeline.py); architectures come from policy_kwargs
-ARCHITECTURE_KEYS = ("n_diffusion_steps", "n_sampling_steps", "denoiser_hidden_sizes", "time_embed_dim", "value_net_arch")
-TINY_OFFLINE = {k: v for k, v in TINY.items() if k not in (*ARCHITECTURE_KEYS, "gaussian_hidden_sizes")}
-DIFFUSION_KWARGS = dict(net_arch=[16, 16], value_net_arch=[16, 16], time_embed_dim=8, n_train_steps=6, n_sampling_steps=3)
 MLP_KWARGS = dict(net_arch=dict(pi=[16, 16], vf=[16, 16]))
-
-
-def pendulum_dataset(n_episodes=6, length=30, seed=0, action_scale=1.0, name="pendulum-tiny"):
-    """Pendulum-v1 transitions of a noisy energy-pumping controller; actions divided by ``action_scale``."""
-    env = gym.make("Pendulum-v1")
-    rng = np.random.default_rng(seed)
-    fields = {k: [] for k in ("obs", "actions", "rewards", "next_obs", "terminals", "timeouts", "starts")}
-    for episode in range(n_episodes):
-        obs, _ = env.reset(seed=seed + episode)
-        for t in range(length):
-            action = np.clip([2.0 * np.sign(obs[2]) + rng.normal(0, 0.5)], -2.0, 2.0).astype(np.float32)
-            next_obs, reward, terminated, _, _ = env.step(action)
-            for key, value in zip(
-                fields, (obs, action / action_scale, reward, next_obs, terminated, t == length - 1, t == 0), strict=True
-            ):
-                fields[key].append(value)
-            obs = next_obs
-    env.close()
-    return OfflineDataset(
-        name=name,
-        observations=np.array(fields["obs"]),
-        actions=np.array(fields["actions"]),
-        rewards=np.array(fields["rewards"], dtype=np.float64),
-        next_observations=np.array(fields["next_obs"]),
-        terminals=np.array(fields["terminals"]),
-        timeouts=np.array(fields["timeouts"]),
-        episode_starts=np.array(fields["starts"]),
-    )
 
 
 class StepCounter(gym.Wrapper):
@@ -59,22 +25,28 @@ class StepCounter(gym.Wrapper):
         return super().step(action)
 
 
-def diffusion_model(dataset=None, **kwargs):
-    params = dict(
-        dataset=pendulum_dataset() if dataset is None else dataset,
-        preset="quick",
-        offline_kwargs=dict(TINY_OFFLINE),
-        policy_kwargs=dict(DIFFUSION_KWARGS),
-        n_steps=32,
-        batch_size=32,
-        n_epochs=1,
-        seed=3,
-    )
-    params.update(kwargs)
-    return UEPO("DiffusionPolicy", params.pop("env", "Pendulum-v1"), **params)
+@pytest.fixture
+def diffusion_model(pendulum_dataset, tiny_offline_kwargs, tiny_diffusion_policy_kwargs):
+    """``diffusion_model(dataset=None, **kwargs)``: a UEPO DiffusionPolicy on the tiny Pendulum data and budgets."""
+
+    def make(dataset=None, **kwargs):
+        params = dict(
+            dataset=pendulum_dataset() if dataset is None else dataset,
+            preset="quick",
+            offline_kwargs=dict(tiny_offline_kwargs),
+            policy_kwargs=dict(tiny_diffusion_policy_kwargs),
+            n_steps=32,
+            batch_size=32,
+            n_epochs=1,
+            seed=3,
+        )
+        params.update(kwargs)
+        return UEPO("DiffusionPolicy", params.pop("env", "Pendulum-v1"), **params)
+
+    return make
 
 
-def test_pretrain_never_steps_env_and_hands_over_the_offline_result():
+def test_pretrain_never_steps_env_and_hands_over_the_offline_result(diffusion_model, pendulum_dataset):
     StepCounter.steps = 0
     env = make_vec_env("Pendulum-v1", n_envs=1, wrapper_class=StepCounter)
     dataset = pendulum_dataset()
@@ -110,7 +82,7 @@ def test_pretrain_never_steps_env_and_hands_over_the_offline_result():
     assert StepCounter.steps == 64 and model.num_timesteps == 64
 
 
-def test_learn_pretrains_once_and_save_load_keeps_it(tmp_path):
+def test_learn_pretrains_once_and_save_load_keeps_it(tmp_path, diffusion_model):
     model = diffusion_model(kl_ref_coef=0.1)
     model.learn(32)
     assert model.pretrained and model.reference_policy is not None
@@ -131,7 +103,7 @@ def test_learn_pretrains_once_and_save_load_keeps_it(tmp_path):
     assert loaded.num_timesteps == 64
 
 
-def test_pretrain_dir_writes_resumable_checkpoints(tmp_path):
+def test_pretrain_dir_writes_resumable_checkpoints(tmp_path, diffusion_model):
     model = diffusion_model(pretrain_dir=str(tmp_path / "offline"))
     model.pretrain()
     progress = json.loads((tmp_path / "offline" / "progress.json").read_text())
@@ -143,7 +115,7 @@ def test_pretrain_dir_writes_resumable_checkpoints(tmp_path):
         assert th.allclose(again.policy.state_dict()[key], value), key
 
 
-def test_uni_o4_preset_with_gaussian_mlp_policy():
+def test_uni_o4_preset_with_gaussian_mlp_policy(pendulum_dataset, tiny_offline_kwargs):
     env = make_vec_env(
         "Pendulum-v1",
         n_envs=1,
@@ -156,7 +128,7 @@ def test_uni_o4_preset_with_gaussian_mlp_policy():
         env,
         dataset=dataset,
         preset="quick+uni_o4",
-        offline_kwargs=dict(TINY_OFFLINE),
+        offline_kwargs=dict(tiny_offline_kwargs),
         policy_kwargs=dict(MLP_KWARGS),
         n_steps=32,
         batch_size=32,
@@ -182,55 +154,57 @@ def test_uni_o4_preset_with_gaussian_mlp_policy():
 
 
 # ---------------------------------------------------------------------------------------------- bad input
-def test_diffusion_policy_with_uni_o4_preset_is_refused():
+def test_diffusion_policy_with_uni_o4_preset_is_refused(diffusion_model):
     model = diffusion_model(preset="quick+uni_o4")
     with pytest.raises(ValueError, match="MlpPolicy"):
         model.pretrain()
 
 
-def test_mlp_policy_without_uni_o4_is_refused():
-    model = UEPO("MlpPolicy", "Pendulum-v1", dataset=pendulum_dataset(), preset="quick", offline_kwargs=dict(TINY_OFFLINE))
+def test_mlp_policy_without_uni_o4_is_refused(pendulum_dataset, tiny_offline_kwargs):
+    model = UEPO(
+        "MlpPolicy", "Pendulum-v1", dataset=pendulum_dataset(), preset="quick", offline_kwargs=dict(tiny_offline_kwargs)
+    )
     with pytest.raises(ValueError, match="uni_o4"):
         model.pretrain()
 
 
-def test_mlp_policy_needs_unit_action_bounds():
+def test_mlp_policy_needs_unit_action_bounds(pendulum_dataset, tiny_offline_kwargs):
     model = UEPO(
-        "MlpPolicy", "Pendulum-v1", dataset=pendulum_dataset(), preset="quick+uni_o4", offline_kwargs=dict(TINY_OFFLINE)
+        "MlpPolicy", "Pendulum-v1", dataset=pendulum_dataset(), preset="quick+uni_o4", offline_kwargs=dict(tiny_offline_kwargs)
     )
     with pytest.raises(ValueError, match="RescaleAction"):
         model.pretrain()
 
 
-def test_offline_kwargs_conflicting_with_policy_kwargs():
-    model = diffusion_model(offline_kwargs={**TINY_OFFLINE, "denoiser_hidden_sizes": (32, 32)})
+def test_offline_kwargs_conflicting_with_policy_kwargs(diffusion_model, tiny_offline_kwargs):
+    model = diffusion_model(offline_kwargs={**tiny_offline_kwargs, "denoiser_hidden_sizes": (32, 32)})
     with pytest.raises(ValueError, match="denoiser_hidden_sizes"):
         model.pretrain()
 
 
-def test_offline_kwargs_fill_the_policy_architecture():
+def test_offline_kwargs_fill_the_policy_architecture(pendulum_dataset, tiny_offline_kwargs):
     model = UEPO(
         "DiffusionPolicy",
         "Pendulum-v1",
         dataset=pendulum_dataset(),
         preset="quick",
-        offline_kwargs={**TINY_OFFLINE, "denoiser_hidden_sizes": (24, 24), "n_sampling_steps": 4},
+        offline_kwargs={**tiny_offline_kwargs, "denoiser_hidden_sizes": (24, 24), "n_sampling_steps": 4},
     )
     assert model.policy.net_arch == [24, 24] and model.policy.n_sampling_steps == 4
 
 
-def test_unknown_offline_key_fails_at_construction():
+def test_unknown_offline_key_fails_at_construction(diffusion_model):
     with pytest.raises((ValueError, TypeError), match="not_a_setting"):
         diffusion_model(offline_kwargs={"not_a_setting": 1})
 
 
-def test_dataset_spaces_must_match_env():
+def test_dataset_spaces_must_match_env(diffusion_model):
     model = diffusion_model(env="MountainCarContinuous-v0")  # obs (2,) vs the dataset's (3,)
     with pytest.raises(ValueError, match="observation"):
         model.pretrain()
 
 
-def test_nan_rewards_are_refused():
+def test_nan_rewards_are_refused(diffusion_model, pendulum_dataset):
     dataset = pendulum_dataset()
     dataset.rewards[5] = np.nan
     model = diffusion_model(dataset)
@@ -255,11 +229,11 @@ def test_mlp_policy_normalises_observations_once_on_every_path():
         assert not th.allclose(model.policy.get_distribution(obs).distribution.mean, mean_forward)
 
 
-def test_dataset_given_defaults_are_the_fine_tuning_settings_and_explicit_arguments_win():
+def test_dataset_given_defaults_are_the_fine_tuning_settings_and_explicit_arguments_win(pendulum_dataset, tiny_offline_kwargs):
     from sb3_uepo.uepo.defaults import FINE_TUNING_DEFAULTS, PPO_DEFAULTS
 
     env = make_vec_env("Pendulum-v1", n_envs=4)
-    tuned = UEPO("DiffusionPolicy", env, dataset=pendulum_dataset(), preset="quick", offline_kwargs=dict(TINY_OFFLINE))
+    tuned = UEPO("DiffusionPolicy", env, dataset=pendulum_dataset(), preset="quick", offline_kwargs=dict(tiny_offline_kwargs))
     assert tuned.learning_rate == FINE_TUNING_DEFAULTS["learning_rate"]
     assert tuned.clip_range(1.0) == FINE_TUNING_DEFAULTS["clip_range"]
     assert tuned.n_steps * env.num_envs == FINE_TUNING_DEFAULTS["n_steps"]  # ~2048 env steps per update
@@ -277,7 +251,7 @@ def test_dataset_given_defaults_are_the_fine_tuning_settings_and_explicit_argume
         env,
         dataset=pendulum_dataset(),
         preset="quick",
-        offline_kwargs=dict(TINY_OFFLINE),
+        offline_kwargs=dict(tiny_offline_kwargs),
         learning_rate=1e-3,
         clip_range=0.3,
         kl_ref_coef=0.0,
@@ -288,7 +262,7 @@ def test_dataset_given_defaults_are_the_fine_tuning_settings_and_explicit_argume
     assert explicit.n_epochs == FINE_TUNING_DEFAULTS["n_epochs"]  # the others stay "auto"
 
 
-def test_stage_scores_cover_every_stage_and_leave_the_chosen_member_loaded():
+def test_stage_scores_cover_every_stage_and_leave_the_chosen_member_loaded(diffusion_model, pendulum_dataset):
     from sb3_uepo.common.evaluation import score_offline_stages
 
     dataset = pendulum_dataset()
