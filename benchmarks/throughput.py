@@ -48,6 +48,8 @@ def build(algo: str, args: argparse.Namespace) -> Any:
     common = dict(n_steps=args.n_steps, batch_size=args.batch_size, n_epochs=args.n_epochs, seed=args.seed, device="cpu")
     if algo == "uepo":
         policy_kwargs = dict(n_sampling_steps=args.denoising_steps, sampler="ddim")  # as fine-tuning runs
+        if args.ft_denoising_steps is not None:
+            policy_kwargs["ft_denoising_steps"] = args.ft_denoising_steps
         return UEPO("DiffusionPolicy", env, policy_kwargs=policy_kwargs, **common)
     return PPO("MlpPolicy", env, **common)
 
@@ -102,6 +104,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--n-epochs", type=int, default=10)
     parser.add_argument("--denoising-steps", type=int, default=5)
+    parser.add_argument(
+        "--ft-denoising-steps", type=int, default=None, help="fine-tune only the last K denoising steps (default: all)"
+    )
     parser.add_argument("--rounds", type=int, default=6, help="measured rounds per algorithm (after one warm-up round)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (same for both)")
     parser.add_argument("--seed", type=int, default=0)
