@@ -155,3 +155,26 @@ def make_pendulum_dataset(n_episodes=6, length=30, seed=0, action_scale=1.0, nam
 def pendulum_dataset():
     """``pendulum_dataset(n_episodes=6, length=30, seed=0, action_scale=1.0)``: Pendulum-v1 data of a noisy controller."""
     return make_pendulum_dataset
+
+
+@pytest.fixture
+def diffusion_model(pendulum_dataset, tiny_offline_kwargs, tiny_diffusion_policy_kwargs):
+    """``diffusion_model(dataset=None, **kwargs)``: a UEPO DiffusionPolicy on the tiny Pendulum data and budgets."""
+
+    def make(dataset=None, **kwargs):
+        params = dict(
+            dataset=pendulum_dataset() if dataset is None else dataset,
+            preset="quick",
+            offline_kwargs=dict(tiny_offline_kwargs),
+            policy_kwargs=dict(tiny_diffusion_policy_kwargs),
+            n_steps=32,
+            batch_size=32,
+            n_epochs=1,
+            seed=3,
+        )
+        params.update(kwargs)
+        from sb3_uepo import UEPO
+
+        return UEPO("DiffusionPolicy", params.pop("env", "Pendulum-v1"), **params)
+
+    return make

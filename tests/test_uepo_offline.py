@@ -25,27 +25,6 @@ class StepCounter(gym.Wrapper):
         return super().step(action)
 
 
-@pytest.fixture
-def diffusion_model(pendulum_dataset, tiny_offline_kwargs, tiny_diffusion_policy_kwargs):
-    """``diffusion_model(dataset=None, **kwargs)``: a UEPO DiffusionPolicy on the tiny Pendulum data and budgets."""
-
-    def make(dataset=None, **kwargs):
-        params = dict(
-            dataset=pendulum_dataset() if dataset is None else dataset,
-            preset="quick",
-            offline_kwargs=dict(tiny_offline_kwargs),
-            policy_kwargs=dict(tiny_diffusion_policy_kwargs),
-            n_steps=32,
-            batch_size=32,
-            n_epochs=1,
-            seed=3,
-        )
-        params.update(kwargs)
-        return UEPO("DiffusionPolicy", params.pop("env", "Pendulum-v1"), **params)
-
-    return make
-
-
 def test_pretrain_never_steps_env_and_hands_over_the_offline_result(diffusion_model, pendulum_dataset):
     StepCounter.steps = 0
     env = make_vec_env("Pendulum-v1", n_envs=1, wrapper_class=StepCounter)

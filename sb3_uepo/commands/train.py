@@ -45,8 +45,8 @@ def budget_preset(preset: str | None) -> str:
 
 
 def default_policy(preset: str | None) -> str:
-    """``MlpPolicy`` for the Uni-O4 variant (Gaussian members), else ``DiffusionPolicy``."""
-    return "MlpPolicy" if "uni_o4" in (preset or "").split("+") else "DiffusionPolicy"
+    """``MlpPolicy`` for the Uni-O4 and BC variants (Gaussian members), else ``DiffusionPolicy``."""
+    return "MlpPolicy" if {"uni_o4", "bc"} & set((preset or "").split("+")) else "DiffusionPolicy"
 
 
 TRAIN_DESCRIPTION = """\
@@ -150,6 +150,16 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         "--no-progress", action="store_true", help="no progress bars (for logs and CI; one line per offline stage stays)"
     )
     train.add_argument(
+        "--online",
+        default="ppo",
+        choices=("ppo", "steer"),
+        help="online mode: ppo (chain-PPO fine-tuning, default) or steer (the diffusion policy frozen, SB3's SAC "
+        "learns its initial noise per state)",
+    )
+    train.add_argument(
+        "--noise-bound", type=float, default=2.0, metavar="B", help="steer: half-width of the noise space (default: 2.0)"
+    )
+    train.add_argument(
         "--restart",
         action="store_true",
         help="discard the offline stage checkpoints of an earlier run on this --out (PATH_offline/) and start over",
@@ -221,11 +231,16 @@ def validate_train_args(args: argparse.Namespace) -> tuple[dict[str, Any], dict[
         ("--seed", args.seed, 0),
         ("--eval-episodes", args.eval_episodes, 0),
         ("--checkpoint-every", args.checkpoint_every, 0),
+        ("--noise-bound", args.noise_bound, 1e-6),
     ):
         if value is not None and value < low:
             raise ValueError(f"{name} must be >= {low}, got {value}")
     if args.env is not None:
         check_env_id(args.env)
+    if args.online == "steer" and (args.policy or default_policy(args.preset)) != "DiffusionPolicy":
+        raise ValueError(
+            "--online steer steers the initial noise of the DiffusionPolicy: drop --policy MlpPolicy / the variant"
+        )
     offline_kwargs = parse_assignments(args.offline, "--offline")
     params = parse_assignments(args.param, "--param")
     check_constructor_params(params)
@@ -327,7 +342,6 @@ def _train(
     """The body of ``uepo train`` once the arguments are checked and ``--out`` is locked."""
     from stable_baselines3.common.env_util import make_vec_env
 
-    from sb3_uepo.common.callbacks import PeriodicCheckpoint
     from sb3_uepo.common.evaluation import EVAL_SEED_OFFSET, score_offline_stages
     from sb3_uepo.common.io import atomic_path, write_json
     from sb3_uepo.uepo import UEPO
@@ -422,17 +436,9 @@ def _train(
             print(format_stage_scores(stages))
 
     if online_steps > 0:
-        _section("Online fine-tuning")
-        online_start = time.perf_counter()
-        checkpoint = PeriodicCheckpoint(model_path, args.checkpoint_every)
-        try:
-            model.learn(online_steps, callback=checkpoint, progress_bar=not args.no_progress and _has_progress_bar())
-        except KeyboardInterrupt:  # keep what was learned: evaluate and save the model as it is
-            report["interrupted"] = True
-            print(f"\ninterrupted after {model.num_timesteps:,} online env steps: evaluating and saving the model as it is")
-        report["wall_s"]["online"] = time.perf_counter() - online_start
-        report["online_env_steps"] = int(model.num_timesteps)
-        print(f"online fine-tuning done in {_duration(report['wall_s']['online'])} ({model.num_timesteps:,} env steps)")
+        model = _online_phase(args, model, online_steps, model_path, report)
+        if model is None:
+            return 2
     if online_steps > 0 and args.eval_episodes > 0:
         _evaluate_into(report, "after_online", model, env_id, args.eval_episodes, eval_seed, dataset)
     env.close()
@@ -444,6 +450,34 @@ def _train(
     write_json(report_path, report)
     _print_summary(report, model_path, report_path)
     return 0
+
+
+def _online_phase(args: argparse.Namespace, model: Any, online_steps: int, model_path: Path, report: dict[str, Any]) -> Any:
+    """Chain-PPO fine-tuning, or (``--online steer``) noise-space steering with SAC; returns the model to evaluate and
+    save (the steered model in that mode), or None on an error already printed. Ctrl-C / SIGTERM stops it cleanly."""
+    from sb3_uepo.common.callbacks import PeriodicCheckpoint
+    from sb3_uepo.common.policies import DiffusionPolicy
+
+    progress = not args.no_progress and _has_progress_bar()
+    start = time.perf_counter()
+    if args.online == "steer":
+        if not isinstance(model.policy, DiffusionPolicy):
+            print("error: --online steer needs the DiffusionPolicy", file=sys.stderr)
+            return None
+        _section("Online steering of the initial noise (SAC; the diffusion policy frozen)")
+        model, kwargs = model.steer(noise_bound=args.noise_bound, verbose=0), {}
+    else:
+        _section("Online fine-tuning")
+        kwargs = {"callback": PeriodicCheckpoint(model_path, args.checkpoint_every)}
+    try:
+        model.learn(online_steps, progress_bar=progress, **kwargs)
+    except KeyboardInterrupt:  # keep what was learned: evaluate and save the model as it is
+        report["interrupted"] = True
+        print(f"\ninterrupted after {model.num_timesteps:,} online env steps: evaluating and saving the model as it is")
+    report["wall_s"]["online"] = time.perf_counter() - start
+    report["online_env_steps"] = int(model.num_timesteps)
+    print(f"online phase done in {_duration(report['wall_s']['online'])} ({model.num_timesteps:,} env steps)")
+    return model
 
 
 def _evaluate_into(
@@ -639,6 +673,10 @@ def load_model(path: str | os.PathLike, algo: str = "auto", device: str = "auto"
     :param device: torch device
     """
     name = detect_algorithm(path) if algo == "auto" else algo.lower()
+    if name == "uepo_steer":
+        from sb3_uepo.uepo.steering import SteeredModel
+
+        return SteeredModel.load(path)
     algorithms = _algorithm_classes()
     if name not in algorithms:
         raise ValueError(f"Unknown algorithm {name!r}: choose from {', '.join(sorted(algorithms))}")
@@ -651,6 +689,8 @@ def detect_algorithm(path: str | os.PathLike) -> str:
     """Which algorithm saved a model zip, read from its ``data`` (policy module and algorithm attributes)."""
     try:
         with zipfile.ZipFile(path) as archive:
+            if "steering.json" in archive.namelist():
+                return "uepo_steer"
             data = json.loads(archive.read("data"))
     except (zipfile.BadZipFile, KeyError, json.JSONDecodeError) as exc:
         raise ValueError(f"{path} is not a model saved by Stable-Baselines3 ({exc})") from exc

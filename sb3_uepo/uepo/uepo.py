@@ -427,6 +427,26 @@ class UEPO(OnPolicyAlgorithm):
         if self.kl_ref_coef > 0.0:
             self.set_reference_policy()
 
+    def steer(self, agent_class: Any = None, noise_bound: float = 2.0, n_envs: int = 1, **agent_kwargs: Any) -> Any:
+        """Noise-space steering (DSRL): an SB3 off-policy agent (default SAC) learns which initial noise to give a
+        FROZEN copy of this model's diffusion policy in each state. Pretrains first when a dataset was given.
+
+        :param agent_class: SB3 off-policy algorithm class (default ``stable_baselines3.SAC``)
+        :param noise_bound: half-width of the noise action space
+        :param n_envs: environments of the agent
+        :param agent_kwargs: keyword arguments of the agent
+        :return: a :class:`~sb3_uepo.uepo.steering.SteeredModel`; call ``.learn(steps)``, ``.predict``, ``.save``
+        """
+        from sb3_uepo.uepo.steering import steer
+
+        if not isinstance(self.policy, DiffusionPolicy):
+            raise ValueError("steering needs a DiffusionPolicy (it steers the initial noise of the denoising chain)")
+        env_id = self._env_id()
+        if env_id is None:
+            raise ValueError("steering needs the model's environment id: build UEPO with a registered env")
+        self._maybe_pretrain()
+        return steer(self.policy, env_id, agent_class, noise_bound, n_envs, self.seed, **agent_kwargs)
+
     def set_reference_policy(self, policy_state: dict[str, th.Tensor] | None = None) -> None:
         """Freeze a copy of the current policy (or of ``policy_state``, a full policy ``state_dict``) as the
         reference of the KL term. The reference is saved with the model.

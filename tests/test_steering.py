@@ -1,0 +1,99 @@
+"""Noise-space steering: an SB3 off-policy agent learns the initial noise of a frozen diffusion policy."""
+
+import numpy as np
+import pytest
+import torch as th
+from stable_baselines3 import SAC
+from stable_baselines3.common.env_util import make_vec_env
+
+from sb3_uepo import UEPO
+from sb3_uepo.common.evaluation import evaluate
+from sb3_uepo.uepo.steering import NoiseSteeringWrapper, SteeredModel, decode_noise, steer
+
+TINY_SAC = dict(
+    learning_starts=16, batch_size=16, buffer_size=1_000, train_freq=1, gradient_steps=1, policy_kwargs=dict(net_arch=[16, 16])
+)
+
+
+@pytest.fixture
+def policy(tiny_diffusion_policy_kwargs):
+    model = UEPO("DiffusionPolicy", "Pendulum-v1", policy_kwargs=dict(tiny_diffusion_policy_kwargs, sampler="ddim"), seed=0)
+    return model.policy
+
+
+def test_the_wrapper_acts_in_noise_space(policy):
+    import gymnasium as gym
+
+    env = NoiseSteeringWrapper(gym.make("Pendulum-v1"), policy, noise_bound=1.5)
+    assert env.action_space.shape == (1,) and env.action_space.high[0] == 1.5
+    assert env.observation_space == gym.make("Pendulum-v1").observation_space
+    obs, _ = env.reset(seed=0)
+    noise = np.array([0.7], dtype=np.float32)
+    expected = decode_noise(env.policy, obs, noise)
+    assert -2.0 <= expected[0] <= 2.0  # the env's own units
+    # the env receives the frozen policy's DDIM action from x_0 = noise: replay the same step on a twin env
+    twin = gym.make("Pendulum-v1")
+    twin.reset(seed=0)
+    assert np.allclose(env.step(noise)[0], twin.step(expected)[0])
+    with pytest.raises(ValueError, match="observations of shape"):
+        NoiseSteeringWrapper(gym.make("MountainCarContinuous-v0"), policy)
+
+
+def test_steering_learns_without_touching_the_diffusion_policy(policy, tmp_path):
+    before = {k: v.clone() for k, v in policy.state_dict().items()}
+    model = steer(policy, "Pendulum-v1", SAC, noise_bound=2.0, seed=0, **TINY_SAC)
+    frozen_before = {k: v.clone() for k, v in model.policy.state_dict().items()}
+    model.learn(64)
+    assert model.num_timesteps == 64
+    for key, value in model.policy.state_dict().items():
+        assert th.equal(value, frozen_before[key]), key  # the steered copy never trains
+        assert th.equal(policy.state_dict()[key], before[key]), key  # nor does the original
+    assert not any(p.requires_grad for p in model.policy.parameters())
+
+    obs = np.random.default_rng(0).normal(size=(4, 3)).astype(np.float32)
+    actions, _ = model.predict(obs, deterministic=True)
+    assert actions.shape == (4, 1) and np.all(np.abs(actions) <= 2.0)
+    model.save(tmp_path / "steered.zip")
+    loaded = SteeredModel.load(tmp_path / "steered.zip")
+    np.testing.assert_allclose(loaded.predict(obs, deterministic=True)[0], actions, rtol=1e-5, atol=1e-6)
+    assert loaded.noise_bound == 2.0 and isinstance(loaded.agent, SAC)
+    with pytest.raises(ValueError, match="not a steered model"):
+        (tmp_path / "junk.zip").write_bytes(b"junk")
+        SteeredModel.load(tmp_path / "junk.zip")
+
+
+def test_uepo_steer_end_to_end_after_pretraining(diffusion_model):
+    model = diffusion_model(env=make_vec_env("Pendulum-v1", n_envs=1))
+    steered = model.steer(noise_bound=2.0, **TINY_SAC)
+    assert model.pretrained  # steer() pretrains first
+    for key, value in model.policy.state_dict().items():
+        assert th.equal(steered.policy.state_dict()[key], value), key  # it steers the pretrained policy
+    steered.learn(48)
+    result = evaluate(steered, "Pendulum-v1", n_episodes=1, deterministic=True, seed=0)
+    assert result.n_episodes == 1 and len(result.returns) == 1
+    with pytest.raises(ValueError, match="DiffusionPolicy"):
+        UEPO("MlpPolicy", "Pendulum-v1").steer()
+
+
+def test_uepo_train_online_steer_saves_one_model_that_eval_loads(tmp_path, capsys, pendulum_dataset, tiny_offline_kwargs):
+    from sb3_uepo.cli import main
+    from sb3_uepo.commands.train import load_model
+
+    data = pendulum_dataset()
+    path = tmp_path / "pendulum.npz"
+    np.savez(
+        path,
+        **{k: getattr(data, k) for k in ("observations", "actions", "rewards", "next_observations", "terminals", "timeouts")},
+    )
+    out = tmp_path / "steered"
+    offline = [f"{k}={v!r}" for k, v in tiny_offline_kwargs.items()]
+    sizes = ["denoiser_hidden_sizes=(16, 16)", "value_net_arch=(16, 16)", "n_diffusion_steps=6", "n_sampling_steps=3"]
+    args = ["train", "--env", "Pendulum-v1", "--dataset", str(path), "--online", "steer", "--online-steps", "40"]
+    assert main([*args, "--out", str(out), "--eval-episodes", "1", "--offline", *offline, *sizes, "--no-progress"]) == 0
+    printed = capsys.readouterr().out
+    assert "Online steering" in printed and "after online" in printed
+    model = load_model(out.with_suffix(".zip"))
+    assert isinstance(model, SteeredModel) and model.num_timesteps == 40
+    assert main(["eval", str(out.with_suffix(".zip")), "--episodes", "1", "--deterministic"]) == 0
+    assert main([*args, "--preset", "quick+uni_o4", "--out", str(tmp_path / "x")]) == 2
+    assert "--online steer" in capsys.readouterr().err
