@@ -293,7 +293,8 @@ class OfflinePolicyImprovement:
                 self.perturb()
             last = self.step_count == cfg.ppo_steps
             if self.step_count % cfg.ope_interval == 0 or last:
-                means = {k: sum(w[k] for w in window if k in w) / max(sum(k in w for w in window), 1) for k in window[-1]}
+                keys = dict.fromkeys(k for w in window for k in w)  # every key, also those logged every few steps only
+                means = {k: sum(w[k] for w in window if k in w) / sum(k in w for w in window) for k in keys}
                 means["step"] = self.step_count
                 self.loss_curve.append(means)
                 log_values(self.logger, self.log_prefix, {k: v for k, v in means.items() if k != "step"}, self.step_count)
