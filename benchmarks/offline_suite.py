@@ -22,12 +22,18 @@ normalised score (mean over seeds) and, over all datasets, the mean and the IQM 
 
     python benchmarks/offline_suite.py --datasets hopper-medium walker2d-medium halfcheetah-medium \\
         --seeds 0 1 2 --preset quick --workers 2 --out bench_results/offline_suite.json
+
+An ablation of offline PPO's settings reuses the earlier stages of a finished suite:
+
+    python benchmarks/offline_suite.py ... --methods uepo --offline '{"use_divergence": false}' \\
+        --stages-from bench_results/offline_suite.json --out bench_results/ablation_no_divergence.json
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import subprocess
 import sys
 import time
@@ -176,6 +182,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--data-seed", type=int, default=1, help="seed of the behaviour agents of made datasets")
     parser.add_argument("--data-steps", type=int, default=100_000, help="transitions of made datasets")
     parser.add_argument("--out", default="bench_results/offline_suite.json")
+    parser.add_argument(
+        "--stages-from",
+        default=None,
+        metavar="OTHER.json",
+        help="start every job from the stage checkpoints of another suite run (e.g. an ablation of offline PPO's "
+        "settings: the stages before offline PPO are reused when only its settings differ)",
+    )
     parser.add_argument("--table-only", action="store_true", help="print the table of --out and stop")
     args = parser.parse_args(argv)
 
@@ -204,6 +217,9 @@ def main(argv: list[str] | None = None) -> int:
                     key = f"{name}|{seed}|{method}"
                     if key not in data["jobs"]:
                         ckpt = str(runs / f"{name}_s{seed}_{method}")
+                        source_ckpt = Path(str(args.stages_from) + ".runs") / Path(ckpt).name if args.stages_from else None
+                        if source_ckpt is not None and source_ckpt.is_dir() and not Path(ckpt).exists():
+                            shutil.copytree(source_ckpt, ckpt, ignore=shutil.ignore_patterns("stage_offline_ppo*"))
                         jobs[key] = (env_id, source, method, args.preset, seed, args.episodes, settings["offline"], ckpt)
         start = time.perf_counter()
         with ProcessPoolExecutor(max_workers=max(1, args.workers)) as pool:

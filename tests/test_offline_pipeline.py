@@ -163,9 +163,26 @@ def test_resume_inside_offline_ppo(tmp_path, monkeypatch, run_pipeline):
 def test_changed_config_in_the_same_checkpoint_dir_is_refused(tmp_path, run_pipeline, tiny_config):
     run_pipeline(config=tiny_config(ppo_steps=0), checkpoint_dir=tmp_path)
     with pytest.raises(ValueError, match="different config or dataset"):
-        run_pipeline(config=tiny_config(ppo_steps=3), checkpoint_dir=tmp_path)
-    result = run_pipeline(config=tiny_config(ppo_steps=3), checkpoint_dir=tmp_path, resume=False)
+        run_pipeline(config=tiny_config(ppo_steps=0, iql_steps=30), checkpoint_dir=tmp_path)
+    result = run_pipeline(config=tiny_config(ppo_steps=3, iql_steps=30), checkpoint_dir=tmp_path, resume=False)
     assert result.ope_history[-1]["step"] == 3
+
+
+def test_changing_only_offline_ppo_settings_reuses_the_earlier_stages(tmp_path, run_pipeline, tiny_config, monkeypatch):
+    """An ablation of offline PPO's regularisers needs no new behaviour model, critics or dynamics."""
+    first = run_pipeline(config=tiny_config(), checkpoint_dir=tmp_path)
+
+    def must_not_run(*args, **kwargs):
+        raise AssertionError("a stage before offline PPO was trained again")
+
+    monkeypatch.setattr(pipeline_module, "fit_behavior_model", must_not_run)
+    monkeypatch.setattr(pipeline_module, "fit_iql", must_not_run)
+    ablation = run_pipeline(config=tiny_config(use_divergence=False, kl_coef=0.5, ppo_steps=3), checkpoint_dir=tmp_path)
+    assert ablation.ope_history[-1]["step"] == 3 and first.ope_history[-1]["step"] == 6
+    for key, value in first.behavior_state_dict.items():
+        assert torch.equal(ablation.behavior_state_dict[key], value), key
+    progress = json.loads((tmp_path / "progress.json").read_text())
+    assert progress["config"]["use_divergence"] is False and progress["completed"][-1] == "offline_ppo"
 
 
 def test_dataset_too_small_for_the_segment_length(run_pipeline, tiny_config, tiny_dataset):

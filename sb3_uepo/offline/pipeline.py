@@ -60,6 +60,15 @@ from sb3_uepo.offline.members import (
 from sb3_uepo.offline.offline_ppo import OfflinePolicyImprovement
 
 STAGES = ("behavior", "iql", "dynamics", "members", "offline_ppo")
+# Fields read by the offline_ppo stage alone (policy improvement, its regularisers, the OPE gate and the choice):
+# changing only these reuses the checkpoints of the stages before it.
+OFFLINE_PPO_ONLY_FIELDS = (
+    "ppo_steps", "ppo_batch_size", "ppo_lr", "clip_range", "linear_decay", "advantage_omega", "max_grad_norm",
+    "max_log_ratio", "use_divergence", "divergence_coef", "tau", "segment_batch_size", "regularizer_interval",
+    "use_perturbation", "eta", "perturb_interval", "perturb_target", "use_kl", "kl_coef", "ope_interval", "ope_horizon",
+    "ope_n_starts", "ope_start_states", "ope_discount", "ope_bootstrap", "ope_uncertainty_penalty",
+    "ope_deterministic_policy", "choice_score", "choice_n_states",
+)  # fmt: skip
 # The dynamics ensemble is refitted on real + synthetic data only when the filter keeps at least this share of the real
 # data's size (measured on the embedded Hopper data with the quick preset: 397 kept of 20,000 generated, i.e. 0.5% of
 # the 80k real transitions, and the refit took 40 of the stage's 89 s).
@@ -293,6 +302,8 @@ class OfflinePretrainer:
             SegmentSampler(self.data.episode_starts.cpu(), self.config.segment_length) if self.config.needs_segments else None
         )
         self.fingerprint = self._fingerprint()
+        # the stages before offline PPO do not read its settings: a run that changes only those reuses them
+        self.early_fingerprint = self._fingerprint(exclude=OFFLINE_PPO_ONLY_FIELDS)
         self.reports: dict[str, dict[str, Any]] = {}
         self.completed: list[str] = []
         self.seconds: dict[str, float] = {}
@@ -341,9 +352,11 @@ class OfflinePretrainer:
             action_high=high.astype(np.float32),
         )
 
-    def _fingerprint(self) -> str:
+    def _fingerprint(self, exclude: tuple[str, ...] = ()) -> str:
+        """Hash of the config (without the ``exclude`` fields) and the data."""
         h = hashlib.sha256()
-        h.update(json.dumps(_jsonable(self.config.to_dict()), sort_keys=True).encode())
+        config = {k: v for k, v in self.config.to_dict().items() if k not in exclude}
+        h.update(json.dumps(_jsonable(config), sort_keys=True).encode())
         for arr in (self.dataset.observations, self.dataset.actions, self.dataset.rewards, self.dataset.terminals):
             h.update(np.ascontiguousarray(arr).tobytes())
         h.update(self.data.action_low.tobytes() + self.data.action_high.tobytes())
@@ -375,6 +388,12 @@ class OfflinePretrainer:
         except (OSError, ValueError) as exc:
             warnings.warn(f"{self._path('progress.json')} is unreadable ({exc}); every stage is recomputed", stacklevel=3)
             return
+        if progress.get("fingerprint") != self.fingerprint and progress.get("early_fingerprint") == self.early_fingerprint:
+            # only offline PPO's settings changed (an ablation of its regularisers, say): keep the stages before it
+            kept = [s for s in progress.get("completed", []) if s in STAGES and s != "offline_ppo"]
+            self._path("stage_offline_ppo.partial.pt").unlink(missing_ok=True)
+            progress = dict(progress, completed=kept, fingerprint=self.fingerprint)
+            self._say(f"only offline PPO's settings differ from {self.checkpoint_dir}'s run: reusing {', '.join(kept)}")
         if progress.get("fingerprint") != self.fingerprint:
             raise ValueError(
                 f"Checkpoint directory '{self.checkpoint_dir}' holds an offline run with a different config or dataset "
@@ -402,6 +421,7 @@ class OfflinePretrainer:
                 dict(
                     format=CHECKPOINT_FORMAT,
                     fingerprint=self.fingerprint,
+                    early_fingerprint=self.early_fingerprint,
                     completed=self.completed,
                     reports=self.reports,
                     seconds=self.seconds,
