@@ -30,6 +30,7 @@ def _isolated_cwd_and_data(tmp_path, monkeypatch):
 # ---------------------------------------------------------------------------------------------- tiny offline runs
 # Tiny budgets of every offline stage (seconds in all), shared by the pipeline, UEPO and CLI tests.
 TINY_OFFLINE = dict(
+    offline_improvement=True,  # the tests exercise every stage; the default hands the behaviour model on
     n_members=2,
     n_diffusion_steps=6,
     n_sampling_steps=3,

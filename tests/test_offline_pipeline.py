@@ -87,7 +87,7 @@ def test_uni_o4_variant_runs_through_the_same_code(run_pipeline, tiny_config):
 
 
 def test_bc_variant_is_one_gaussian_mlp_by_maximum_likelihood(run_pipeline, tiny_offline):
-    tiny = {k: v for k, v in tiny_offline.items() if k not in ("n_members", "ppo_steps")}  # the variant keeps its own
+    tiny = {k: v for k, v in tiny_offline.items() if k not in ("n_members", "ppo_steps", "offline_improvement")}
     result = run_pipeline(config=resolve_offline_config("quick+bc", {**tiny, "gaussian_bc_steps": 200}))
     assert result.policy_type == "gaussian" and len(result.member_state_dicts) == 1
     assert result.stage_reports["offline_ppo"]["steps"] == 0  # no policy improvement: the floor
@@ -158,6 +158,17 @@ def test_resume_inside_offline_ppo(tmp_path, monkeypatch, run_pipeline):
     assert not (ckpt / "stage_offline_ppo.partial.pt").exists()
     for key, value in reference.policy_state_dict.items():
         assert torch.allclose(resumed.policy_state_dict[key], value, atol=1e-5), key
+
+
+def test_by_default_the_behaviour_model_is_handed_on_without_offline_ppo(run_pipeline, tiny_config):
+    result = run_pipeline(config=tiny_config(offline_improvement=False))
+    assert result.stage_reports["offline_ppo"]["steps"] == 0 and "offline improvement is off" in result.chosen_reason
+    assert "skipped" in result.stage_reports["dynamics"]  # no OPE rollouts: no model
+    assert result.chosen_member == 0 and torch.equal(result.seed_noise, torch.zeros(2))
+    for key, value in result.behavior_state_dict.items():
+        assert torch.equal(result.policy_state_dict[key], value), key
+    assert resolve_offline_config("quick").offline_improvement is False
+    assert resolve_offline_config("quick+uni_o4").offline_improvement is True
 
 
 def test_changed_config_in_the_same_checkpoint_dir_is_refused(tmp_path, run_pipeline, tiny_config):

@@ -12,7 +12,8 @@ Stages, in order (docs/algorithm.md):
 behavior   one state-conditioned denoiser on the dataset (skipped for Gaussian members, ``uni_o4``)
 iql        IQL critics V, Q1, Q2 (expectile 0.7, target networks)
 dynamics   dynamics ensemble on real data; with ``augment``: diffusion-synthesised transitions, filtered, and the
-           ensemble refitted on real + synthetic (skipped when OPE uses mean Q and augmentation is off)
+           ensemble refitted on real + synthetic (skipped without offline improvement, or with mean-Q OPE and no
+           augmentation)
 members    n members copied from the ONE behaviour denoiser with their own seed noise (or Gaussian BC members)
 offline_ppo offline PPO of all members at once with the regularisers; OPE every ``ope_interval`` steps gates each
            member's previous policy; resumable inside the stage (a partial checkpoint at every OPE)
@@ -63,12 +64,36 @@ STAGES = ("behavior", "iql", "dynamics", "members", "offline_ppo")
 # Fields read by the offline_ppo stage alone (policy improvement, its regularisers, the OPE gate and the choice):
 # changing only these reuses the checkpoints of the stages before it.
 OFFLINE_PPO_ONLY_FIELDS = (
-    "ppo_steps", "ppo_batch_size", "ppo_lr", "clip_range", "linear_decay", "advantage_omega", "max_grad_norm",
-    "max_log_ratio", "use_divergence", "divergence_coef", "tau", "segment_batch_size", "regularizer_interval",
-    "use_perturbation", "eta", "perturb_interval", "perturb_target", "use_kl", "kl_coef", "ope_interval", "ope_horizon",
-    "ope_n_starts", "ope_start_states", "ope_discount", "ope_bootstrap", "ope_uncertainty_penalty",
-    "ope_deterministic_policy", "choice_score", "choice_n_states",
-)  # fmt: skip
+    "ppo_steps",
+    "ppo_batch_size",
+    "ppo_lr",
+    "clip_range",
+    "linear_decay",
+    "advantage_omega",
+    "max_grad_norm",
+    "max_log_ratio",
+    "use_divergence",
+    "divergence_coef",
+    "tau",
+    "segment_batch_size",
+    "regularizer_interval",
+    "use_perturbation",
+    "eta",
+    "perturb_interval",
+    "perturb_target",
+    "use_kl",
+    "kl_coef",
+    "ope_interval",
+    "ope_horizon",
+    "ope_n_starts",
+    "ope_start_states",
+    "ope_discount",
+    "ope_bootstrap",
+    "ope_uncertainty_penalty",
+    "ope_deterministic_policy",
+    "choice_score",
+    "choice_n_states",
+)  # fmt: skip (offline_improvement is not among them: it decides whether the dynamics stage runs)
 # The dynamics ensemble is refitted on real + synthetic data only when the filter keeps at least this share of the real
 # data's size (measured on the embedded Hopper data with the quick preset: 397 kept of 20,000 generated, i.e. 0.5% of
 # the 80k real transitions, and the refit took 40 of the stage's 89 s).
@@ -533,7 +558,7 @@ class OfflinePretrainer:
     def _stage_dynamics(self) -> tuple[Any, dict[str, Any], dict[str, Any]]:
         cfg, d = self.config, self.data
         if not cfg.needs_dynamics:
-            return None, dict(skipped=True), dict(skipped="OPE uses mean Q and augmentation is off: no model needed")
+            return None, dict(skipped=True), dict(skipped="no model rollouts need it (offline improvement off, or mean-Q OPE)")
         from sb3_uepo.offline.dynamics import fit_dynamics
 
         logger = _PrefixLogger(self.logger) if self.logger is not None else None
@@ -644,6 +669,16 @@ class OfflinePretrainer:
         cfg, d = self.config, self.data
         members = self.outputs["members"]
         self.outputs["initial_members"] = members.detached_params()  # before offline PPO trains them in place
+        if not cfg.offline_improvement:
+            improvement = OfflinePolicyImprovement(
+                members, self.outputs["iql"], d.obs, cfg, segment_sampler=self.segment_sampler, logger=self.logger
+            )
+            reason = (
+                "offline improvement is off (offline_improvement=False, the default for diffusion members): member 0, "
+                "an untrained copy of the behaviour model, is handed on"
+            )
+            state = dict(improvement.state_dict(), chosen_member=0, chosen_reason=reason)
+            return state, state, dict(steps=0, chosen_member=0, chosen_reason=reason, skipped=reason)
         improvement = OfflinePolicyImprovement(
             members,
             self.outputs["iql"],
