@@ -179,3 +179,13 @@ def diffusion_model(pendulum_dataset, tiny_offline_kwargs, tiny_diffusion_policy
         return UEPO("DiffusionPolicy", params.pop("env", "Pendulum-v1"), **params)
 
     return make
+
+
+@pytest.fixture
+def pendulum_npz(tmp_path, pendulum_dataset):
+    """The tiny Pendulum dataset written as an ``.npz`` file (it names no env: commands need ``--env Pendulum-v1``)."""
+    data = pendulum_dataset()
+    path = tmp_path / "pendulum.npz"
+    fields = ("observations", "actions", "rewards", "next_observations", "terminals", "timeouts")
+    np.savez(path, **{name: getattr(data, name) for name in fields})
+    return path

@@ -75,16 +75,11 @@ def test_uepo_steer_end_to_end_after_pretraining(diffusion_model):
         UEPO("MlpPolicy", "Pendulum-v1").steer()
 
 
-def test_uepo_train_online_steer_saves_one_model_that_eval_loads(tmp_path, capsys, pendulum_dataset, tiny_offline_kwargs):
+def test_uepo_train_online_steer_saves_one_model_that_eval_loads(tmp_path, capsys, pendulum_npz, tiny_offline_kwargs):
     from sb3_uepo.cli import main
     from sb3_uepo.commands.train import load_model
 
-    data = pendulum_dataset()
-    path = tmp_path / "pendulum.npz"
-    np.savez(
-        path,
-        **{k: getattr(data, k) for k in ("observations", "actions", "rewards", "next_observations", "terminals", "timeouts")},
-    )
+    path = pendulum_npz
     out = tmp_path / "steered"
     offline = [f"{k}={v!r}" for k, v in tiny_offline_kwargs.items()]
     sizes = ["denoiser_hidden_sizes=(16, 16)", "value_net_arch=(16, 16)", "n_diffusion_steps=6", "n_sampling_steps=3"]

@@ -104,22 +104,12 @@ def test_evaluation_helper_scores_hopper(tmp_path):
     assert "normalised" in result.summary() and result.to_dict()["mode"] == "deterministic"
 
 
-def test_train_with_dataset_writes_report_and_pretrained_model(tmp_path, capsys, tiny_offline_kwargs, pendulum_dataset):
+def test_train_with_dataset_writes_report_and_pretrained_model(tmp_path, capsys, tiny_offline_kwargs, pendulum_npz):
     """Offline then online on a tiny Pendulum dataset (npz): scores, model and JSON report (policy_kwargs hold
     classes, which the report must still serialise) are written; the saved model is pretrained."""
     from sb3_uepo import UEPO
 
-    data = pendulum_dataset()
-    path = tmp_path / "pendulum.npz"
-    np.savez(
-        path,
-        observations=data.observations,
-        actions=data.actions,
-        rewards=data.rewards,
-        next_observations=data.next_observations,
-        terminals=data.terminals,
-        timeouts=data.timeouts,
-    )
+    path = pendulum_npz
     offline = [f"{key}={value!r}" for key, value in tiny_offline_kwargs.items()]
     sizes = ["denoiser_hidden_sizes=(16, 16)", "value_net_arch=(16, 16)", "n_diffusion_steps=6", "n_sampling_steps=3"]
     out = tmp_path / "runs" / "pendulum"

@@ -9,7 +9,6 @@ import subprocess
 import sys
 import time
 
-import numpy as np
 import pytest
 
 from sb3_uepo.cli import main
@@ -17,24 +16,6 @@ from sb3_uepo.cli import main
 QUIET = ["--no-progress", "--verbose", "0"]
 TINY_ONLINE = ["--n-envs", "2", "--param", "n_steps=32", "batch_size=32", "n_epochs=1", "--eval-episodes", "1"]
 SIZES = ["denoiser_hidden_sizes=(16, 16)", "value_net_arch=(16, 16)", "n_diffusion_steps=6", "n_sampling_steps=3"]
-
-
-def write_npz(path, dataset):
-    np.savez(
-        path,
-        observations=dataset.observations,
-        actions=dataset.actions,
-        rewards=dataset.rewards,
-        next_observations=dataset.next_observations,
-        terminals=dataset.terminals,
-        timeouts=dataset.timeouts,
-    )
-    return path
-
-
-@pytest.fixture
-def pendulum_npz(tmp_path, pendulum_dataset):
-    return write_npz(tmp_path / "pendulum.npz", pendulum_dataset())
 
 
 @pytest.fixture
