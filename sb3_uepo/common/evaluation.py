@@ -269,24 +269,30 @@ def score_offline_stages(
             return None
 
     rows: list[dict[str, Any]] = []
+    evaluated: list[tuple[Any, dict[str, Any]]] = []  # (member result, its scores): identical policies are scored once
+
+    def score_member(member: Any) -> dict[str, Any]:
+        for other, scores in evaluated:
+            if _same_member(member, other):
+                return scores
+        scores = {}
+        if rows and _same_policy(member, result):  # deterministically the behaviour model (zero noise, same weights)
+            scores["deterministic"] = rows[0]["deterministic"]
+        scores.update(score(member, only=[m for m in modes if m not in scores]))
+        evaluated.append((member, scores))
+        return scores
+
     try:
         if result.behavior_state_dict is not None:
             rows.append(dict(stage="behavior", member=None, **score(result, member="behavior")))
-        for i in range(len(result.initial_member_state_dicts)):
-            ope = None if result.initial_ope_scores is None else result.initial_ope_scores[i]
-            member = result.member(i, True)
-            same_as_behavior = bool(rows) and _same_policy(member, result)  # zero-noise copies of the behaviour model
-            # deterministically the same policy as the behaviour model: only its stochastic chains (from x_0 = 0) differ
-            reuse = [mode for mode in modes if same_as_behavior and mode == "deterministic"]
-            scores = {**{mode: rows[0][mode] for mode in reuse}, **score(member, only=[m for m in modes if m not in reuse])}
-            rows.append(dict(stage="members", member=i, ope_score=ope, ope_normalized=ope_normalized(ope), **scores))
-        for i in range(len(result.member_state_dicts)):
-            ope = None if result.best_ope_scores is None else result.best_ope_scores[i]
-            rows.append(
-                dict(
-                    stage="offline_ppo", member=i, ope_score=ope, ope_normalized=ope_normalized(ope), **score(result.member(i))
-                )
-            )
+        for stage, initial, ope_scores in (
+            ("members", True, result.initial_ope_scores),
+            ("offline_ppo", False, result.best_ope_scores),
+        ):
+            for i in range(len(result.member_state_dicts)):
+                ope = None if ope_scores is None else ope_scores[i]
+                scores = score_member(result.member(i, initial))
+                rows.append(dict(stage=stage, member=i, ope_score=ope, ope_normalized=ope_normalized(ope), **scores))
     finally:
         model.load_offline_result(result)
     first = modes[0]
@@ -307,3 +313,14 @@ def _same_policy(member: Any, result: Any) -> bool:
     if behavior is None or member.seed_noise is None or bool(member.seed_noise.abs().sum() > 0):
         return False
     return all(torch.equal(value, behavior[key]) for key, value in member.policy_state_dict.items())
+
+
+def _same_member(a: Any, b: Any) -> bool:
+    """Two member results act identically: the same weights and the same initial noise."""
+    import torch
+
+    if (a.seed_noise is None) != (b.seed_noise is None):
+        return False
+    if a.seed_noise is not None and not torch.equal(a.seed_noise, b.seed_noise):
+        return False
+    return all(torch.equal(value, b.policy_state_dict[key]) for key, value in a.policy_state_dict.items())
