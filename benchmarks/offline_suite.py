@@ -169,6 +169,30 @@ def table(data: dict, datasets: list[str]) -> str:
     return "\n".join(lines)
 
 
+def stage_table(data: dict, datasets: list[str]) -> str:
+    """Per UEPO run: the behaviour model, every member after offline PPO, the member chosen offline, its OPE score
+    (model return over the OPE horizon, normalised; a partial episode) and the choice's regret against a random one."""
+    lines = [
+        "| dataset | seed | behaviour model det / stoch | members after offline PPO (det) | chosen det / stoch | "
+        "OPE of chosen | regret (random) |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for name in datasets:
+        for key in sorted(k for k in data["jobs"] if k.startswith(name + "|") and k.endswith("|uepo")):
+            job, seed = data["jobs"][key], key.split("|")[1]
+            stages = job.get("stages", [])
+            behavior = next((r for r in stages if r["stage"] == "behavior"), None)
+            after = ", ".join(f"{r['deterministic']:.1f}" for r in stages if r["stage"] == "offline_ppo")
+            beh = f"{behavior['deterministic']:.1f} / {behavior['stochastic']:.1f}" if behavior else "-"
+            ope = job.get("chosen_ope_normalized")
+            regret = f"{job['regret']:.1f} ({job['random_choice_regret']:.1f})" if job.get("regret") is not None else "-"
+            chosen = f"{job['scores']['deterministic']:.1f} / {job['scores']['stochastic']:.1f}"
+            lines.append(
+                f"| {name} | {seed} | {beh} | {after} | {chosen} | {'-' if ope is None else f'{ope:.1f}'} | {regret} |"
+            )
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--datasets", nargs="+", default=["hopper-medium", "walker2d-medium", "halfcheetah-medium"])
@@ -239,6 +263,9 @@ def main(argv: list[str] | None = None) -> int:
         write_json(out, data)
     names = [n for n in args.datasets if any(k.startswith(n + "|") for k in data["jobs"])]
     print(table(data, names))
+    if "uepo" in args.methods:
+        print()
+        print(stage_table(data, names))
     return 0
 
 

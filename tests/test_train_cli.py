@@ -4,6 +4,7 @@ import json
 
 import numpy as np
 import pytest
+import torch
 
 from sb3_uepo.cli import build_parser, main
 from sb3_uepo.commands.train import (
@@ -101,6 +102,9 @@ def test_evaluation_helper_scores_hopper(tmp_path):
     expected = 100 * (np.asarray(result.returns) + 20.272305) / (3234.3 + 20.272305)
     assert result.normalized == pytest.approx(expected.tolist())
     assert evaluate(model, "Hopper-v5", n_episodes=3, seed=5).returns == result.returns  # seeded
+    stochastic = evaluate(model, "Hopper-v5", n_episodes=2, deterministic=False, seed=5)
+    torch.manual_seed(123)  # whatever the global random state, a stochastic evaluation repeats itself
+    assert evaluate(model, "Hopper-v5", n_episodes=2, deterministic=False, seed=5).returns == stochastic.returns
     assert "normalised" in result.summary() and result.to_dict()["mode"] == "deterministic"
 
 

@@ -155,7 +155,7 @@ def evaluate(
     :param env_id: gymnasium id of the environment to evaluate in
     :param n_episodes: number of complete episodes
     :param deterministic: deterministic actions (UEPO: DDIM with the member's fixed noise; PPO/SAC: the mean)
-    :param seed: seed of the evaluation environments (same seed, same episodes' initial states)
+    :param seed: seed of the evaluation environments and of the policy's random draws (same seed, same episodes)
     :param dataset: the dataset the model learned from; its reference returns, when it carries any, define the
         normalised score (else the D4RL table for the task of ``env_id``)
     :param vec_normalize: observation statistics to apply (see :func:`make_eval_env`); by default the model's own
@@ -172,10 +172,15 @@ def evaluate(
     n_envs = n_envs or min(n_episodes, MAX_EVAL_ENVS)
     start = time.perf_counter()
     env = make_eval_env(env_id, n_envs=n_envs, seed=seed, vec_normalize=vec_normalize, env_kwargs=env_kwargs)
+    import torch
+
     try:
-        returns, lengths = evaluate_policy(
-            model, env, n_eval_episodes=n_episodes, deterministic=deterministic, return_episode_rewards=True, warn=False
-        )
+        # the policy's own random draws (stochastic actions) are seeded too: the same model and seed, the same episodes
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            returns, lengths = evaluate_policy(
+                model, env, n_eval_episodes=n_episodes, deterministic=deterministic, return_episode_rewards=True, warn=False
+            )
     finally:
         env.close()
     assert isinstance(returns, list) and isinstance(lengths, list)  # return_episode_rewards=True
