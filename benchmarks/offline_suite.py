@@ -221,9 +221,10 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     data = json.loads(out.read_text()) if out.exists() else {}
     settings = dict(preset=args.preset, offline=json.loads(args.offline), episodes=args.episodes, data_seed=args.data_seed)
-    if data.get("settings") not in (None, settings):
+    if not args.table_only and data.get("settings") not in (None, settings):
         raise SystemExit(f"{out} holds results of other settings ({data['settings']}); choose another --out")
-    data.update(settings=settings, command=" ".join([Path(sys.argv[0]).name, *(argv or sys.argv[1:])]))
+    if not args.table_only:
+        data.update(settings=settings, command=" ".join([Path(sys.argv[0]).name, *(argv or sys.argv[1:])]))
     data.setdefault("jobs", {})
     data.setdefault("data_returns", {})
     if not args.table_only:
