@@ -804,7 +804,7 @@ def stage_summary(name: str, report: dict[str, Any]) -> str:
     """One log line of a finished stage: its name, steps, seconds and its key metric."""
     if report.get("skipped"):
         return f"{name:<11} skipped: {report['skipped']}"
-    parts = [f"{name:<11}", f"{report.get('seconds', 0.0):6.1f} s"]
+    parts = [f"{name:<11} {report.get('seconds', 0.0):6.1f} s"]
     if "steps" in report:
         parts.append(f"{report['steps']} steps")
     if name == "behavior":
@@ -826,7 +826,7 @@ def stage_summary(name: str, report: dict[str, Any]) -> str:
             parts.append(f"BC NLL {_short_list(report['final_nll'])}")
     elif name == "offline_ppo":
         parts.append(f"chosen member {report.get('chosen_member')}, best OPE {_short_list(report.get('best_ope_scores'))}")
-    return ", ".join(parts[:2]) + (": " + ", ".join(parts[2:]) if len(parts) > 2 else "")
+    return parts[0] + (": " + ", ".join(parts[1:]) if len(parts) > 1 else "")
 
 
 def _short_list(values: Any) -> str:
