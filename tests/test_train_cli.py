@@ -121,7 +121,7 @@ def test_train_with_dataset_writes_report_and_pretrained_model(tmp_path, capsys,
     # --verbose 1 without progress bars: one line per offline stage, for logs
     assert main([*args, "--offline", *offline, *sizes, *TINY_ONLINE, "--no-progress", "--stage-scores"]) == 0
     printed = capsys.readouterr().out
-    assert "chosen by offline policy evaluation" in printed and "after offline" in printed and "after online" in printed
+    assert "handed on, chosen offline" in printed and "after offline" in printed and "after online" in printed
     for stage in ("behavior", "iql", "dynamics", "members", "offline_ppo"):
         assert f"[offline] {stage}" in printed, stage
     assert "per-stage real scores" in printed and "<- chosen" in printed

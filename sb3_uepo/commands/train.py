@@ -581,7 +581,7 @@ def _describe_choice(report: dict[str, Any]) -> str:
     """Lines on the member chosen by offline policy evaluation (OPE), from the offline report."""
     if "chosen_member" not in report:
         return ""
-    text = f"chosen by offline policy evaluation (no env step): member {report['chosen_member']}"
+    text = f"handed on, chosen offline (no env step): member {report['chosen_member']}"
     if report.get("best_ope_scores"):
         text += f"   OPE scores per member {_short(report['best_ope_scores'])}"
     if report.get("chosen_reason"):
