@@ -81,6 +81,22 @@ class StackedMembers:
 
         return vmap(call)(params, *args)
 
+    @torch.no_grad()
+    def act(
+        self,
+        obs: torch.Tensor,
+        deterministic: bool = True,
+        params: Params | None = None,
+        generator: torch.Generator | None = None,
+    ) -> torch.Tensor:
+        """Actions in [-1, 1] of every member: (B, O) shared or (M, B, O) states -> (M, B, A)."""
+        return self._raw_actions(obs, deterministic, params, generator).clamp(-1.0, 1.0)
+
+    def _raw_actions(
+        self, obs: torch.Tensor, deterministic: bool, params: Params | None, generator: torch.Generator | None
+    ) -> torch.Tensor:
+        raise NotImplementedError
+
     def member_state_dict(self, index: int, params: Params | None = None) -> dict[str, torch.Tensor]:
         """State dict of member ``index``, loadable into the template's class."""
         params = self.params if params is None else params
@@ -212,17 +228,10 @@ class DiffusionMembers(StackedMembers):
         means = self.sampler.chain_means(self.eps_fn(params), chains.reshape(m * b, *chains.shape[2:]), obs.reshape(m * b, -1))
         return means.reshape(m, b, *means.shape[1:])
 
-    @torch.no_grad()
-    def act(
-        self,
-        obs: torch.Tensor,
-        deterministic: bool = True,
-        params: Params | None = None,
-        generator: torch.Generator | None = None,
+    def _raw_actions(
+        self, obs: torch.Tensor, deterministic: bool, params: Params | None, generator: torch.Generator | None
     ) -> torch.Tensor:
-        """Actions in [-1, 1] of every member: (B, O) or (M, B, O) -> (M, B, A)."""
-        chains = self.sample_chains(obs, params, deterministic=deterministic, generator=generator)
-        return chains[:, :, -1].clamp(-1.0, 1.0)
+        return self.sample_chains(obs, params, deterministic=deterministic, generator=generator)[:, :, -1]
 
     def state(self) -> dict[str, Any]:
         """Everything needed to rebuild the members (weights, seed noise), for checkpoints."""
@@ -329,19 +338,11 @@ class GaussianMembers(StackedMembers):
         mean, log_std = self.distribution(obs, params)
         return mean + log_std.exp() * torch.randn(mean.shape, generator=generator, device=mean.device)
 
-    @torch.no_grad()
-    def act(
-        self,
-        obs: torch.Tensor,
-        deterministic: bool = True,
-        params: Params | None = None,
-        generator: torch.Generator | None = None,
+    def _raw_actions(
+        self, obs: torch.Tensor, deterministic: bool, params: Params | None, generator: torch.Generator | None
     ) -> torch.Tensor:
-        """Actions in [-1, 1]: the mean (deterministic) or a sample, clipped; (M, B, A)."""
-        if deterministic:
-            mean, _ = self.distribution(obs, params)
-            return mean.clamp(-1.0, 1.0)
-        return self.sample(obs, params, generator).clamp(-1.0, 1.0)
+        """The mean (deterministic) or a sample."""
+        return self.distribution(obs, params)[0] if deterministic else self.sample(obs, params, generator)
 
     def state(self) -> dict[str, Any]:
         return dict(params=self.detached_params())
