@@ -213,3 +213,15 @@ def test_report_falls_back_to_raw_returns_without_reference_scores(tmp_path):
     # The cross-task aggregate only pools normalised scores.
     assert summary["aggregate"][0]["tasks"] == ["Hopper-v5:d"]
     assert "Pendulum-v1 (raw return)" in markdown_table(summary)
+
+
+def test_bench_keeps_the_offline_stages_of_an_interrupted_run(tmp_path, tiny_offline_kwargs):
+    """UEPO-based algorithms (here the bc variant) checkpoint their offline stages under OUT/offline/ by default."""
+    offline = [f"{k}={v!r}" for k, v in tiny_offline_kwargs.items() if k not in ("n_members", "ppo_steps")]
+    args = ["bench", "--tasks", "Hopper-v5:hopper-medium-v0", "--algos", "bc", "--seeds", "0", "--online-steps", "64"]
+    args += ["--eval-freq", "64", "--eval-episodes", "1", "--final-episodes", "1", "--out", "bench_bc", "--workers", "1"]
+    args += ["--algo-kwargs", "bc.n_steps=32", "bc.batch_size=32", "bc.n_epochs=1", "--offline", *offline]
+    args += ["gaussian_bc_steps=20", "gaussian_hidden_sizes=(16, 16)", "value_net_arch=(16, 16)"]
+    assert main(args) == 0
+    progress = list((tmp_path / "bench_bc" / "offline").glob("*/progress.json"))
+    assert len(progress) == 1 and "offline_ppo" in json.loads(progress[0].read_text())["completed"]

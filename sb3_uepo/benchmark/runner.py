@@ -19,6 +19,7 @@ from __future__ import annotations
 import concurrent.futures
 import contextlib
 import dataclasses
+import hashlib
 import json
 import multiprocessing
 import os
@@ -143,6 +144,10 @@ def execute_run(spec: RunSpec, out_dir: str | os.PathLike) -> dict[str, Any]:
         dataset = load_dataset(spec.dataset, env=spec.env_id)
     eval_seed = EVAL_SEED_OFFSET + spec.seed  # evaluation episodes differ from training ones, identical across algorithms
     model = algorithm.build(spec, dataset)
+    if algorithm.offline and getattr(model, "pretrain_dir", "") is None:
+        # finished offline stages survive an interrupted bench: the rerun resumes them (one directory per settings)
+        settings = hashlib.sha256(json.dumps(spec.to_dict(), sort_keys=True, default=str).encode()).hexdigest()[:10]
+        model.pretrain_dir = str(Path(out_dir) / "offline" / f"{spec.run_id}__{settings}")
 
     offline_report: dict[str, Any] | None = None
     offline_eval = None
