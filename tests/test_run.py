@@ -349,7 +349,7 @@ def test_batch_size_not_dividing_the_rollout_warns():
 def test_actor_and_critic_gradients_are_clipped_separately(policy, monkeypatch):
     """One joint clip would let the (large) value gradient shrink every actor step; each gets its own norm."""
     model = make_model(policy, max_grad_norm=0.5, max_grad_norm_vf=7.0)
-    actor, critic = model.actor_critic_parameters()
+    actor, critic = model.policy.actor_critic_parameters()
     assert {id(p) for p in actor}.isdisjoint(id(p) for p in critic)
     assert len(actor) + len(critic) == len(list(model.policy.parameters()))
     norms = []

@@ -219,6 +219,11 @@ class DiffusionPolicy(BasePolicy):
         )
         return data
 
+    def actor_critic_parameters(self) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
+        """(actor, critic) parameters, clipped separately by UEPO: the denoiser's and the value network's (the frozen
+        steps' copy has no trainable parameter)."""
+        return list(self.denoiser.parameters()), list(self.value_net.parameters())
+
     # ------------------------------------------------------------------------------------------ offline seam
     def set_observation_statistics(self, mean: np.ndarray | th.Tensor, std: np.ndarray | th.Tensor) -> None:
         """Fix the observation normalisation ``(s - mean) / std`` (e.g. to the offline dataset's statistics).

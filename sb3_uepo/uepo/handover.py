@@ -4,19 +4,26 @@ Owns: :data:`DIFFUSION_ARCHITECTURE` and :data:`GAUSSIAN_ARCHITECTURE` (the one 
 keyword argument is which :class:`~sb3_uepo.offline.config.OfflineConfig` field, and how a value converts in each
 direction), :func:`policy_kwargs_from_offline` (offline settings -> the policy kwargs the user left out),
 :func:`offline_config_for` (a built policy + preset -> the offline config that pretrains networks it can load) and
-:func:`check_gaussian_action_bounds`. Loading a result into a policy is the policy's own method
+:func:`check_gaussian_action_bounds`, and :class:`OfflineHandoverMixin`, UEPO's offline seam (``pretrain``,
+``load_offline_result``, ``set_reference_policy``, ``steer``). Loading a result into a policy is the policy's own method
 (``DiffusionPolicy.load_offline_result``, ``MlpPolicy.load_offline_result``).
 Must not touch: the offline stages (``sb3_uepo/offline``), the PPO update (``uepo.py``).
 """
 
 from __future__ import annotations
 
+import copy
+import os
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+import torch as th
+from stable_baselines3.common.logger import Logger, make_output_format
 from stable_baselines3.common.policies import ActorCriticPolicy, BasePolicy
+from stable_baselines3.common.utils import get_latest_run_id
 from torch import nn
 
 from sb3_uepo.common.policies import DiffusionPolicy
@@ -155,3 +162,166 @@ def check_gaussian_action_bounds(action_space: Any) -> None:
             f"an action space of [-1, 1] (got low={low}, high={high}); wrap the env in "
             "gymnasium.wrappers.RescaleAction(env, -1.0, 1.0), or use the DiffusionPolicy (it rescales itself)"
         )
+
+
+class OfflineHandoverMixin:
+    """The offline seam of :class:`~sb3_uepo.uepo.UEPO`: :meth:`pretrain`, :meth:`offline_config`,
+    :meth:`load_offline_result`, :meth:`set_reference_policy` (the KL reference), :meth:`steer` (noise-space steering)
+    and the check that observations are not normalised twice. Mixed into the algorithm class, which provides SB3's
+    attributes (``policy``, ``env``, ``seed``, ``gamma``, ``verbose``, ``device``, ``tensorboard_log``) and UEPO's own
+    (``dataset``, ``preset``, ``offline_kwargs``, ``pretrain_dir``, ``kl_ref_coef``)."""
+
+    def _reference_needed(self) -> bool:
+        return self.kl_ref_coef > 0.0 or self._reference_policy_set
+
+    @staticmethod
+    def _frozen_copy(policy: BasePolicy) -> Any:
+        # SB3's action distributions cache their last torch distribution and gSDE noise: tensors inside the autograd
+        # graph, which deepcopy refuses. The reference recomputes them when used, so its copy leaves them out (None).
+        memo: dict[int, Any] = {}
+        for value in getattr(getattr(policy, "action_dist", None), "__dict__", {}).values():
+            if isinstance(value, (th.Tensor, th.distributions.Distribution)):
+                memo[id(value)] = None
+        reference = copy.deepcopy(policy, memo)
+        del reference.optimizer  # never stepped; keep neither its state nor a second set of moments
+        reference.requires_grad_(False)
+        reference.set_training_mode(False)
+        return reference
+
+    def pretrain(self, progress_bar: bool = False) -> dict[str, Any]:
+        """Run the offline stages (1-6 in docs/algorithm.md) on ``self.dataset``; hand the chosen policy to online learning.
+
+        Never touches the environment: the member handed on is chosen by offline policy evaluation alone. The chosen
+        member's weights (and its seed noise) go into the policy, the IQL value into the value network, the dataset's
+        observation statistics become the policy's fixed normalisation, and (``kl_ref_coef > 0``) the resulting policy
+        is frozen as the KL reference. :meth:`learn` calls this once when a dataset was given; a loaded pretrained
+        model skips it. With ``pretrain_dir``, an interrupted run resumes from its last completed stage.
+
+        :param progress_bar: one progress bar per stage
+        :return: the report: per-stage losses and times, OPE scores per member, the chosen member and why
+        """
+        if self.dataset is None:
+            raise ValueError("pretrain() needs a dataset: UEPO(..., dataset=...)")
+        if self.pretrained:
+            warnings.warn("pretrain(): this model is already pretrained; returning the stored report")
+            return dict(self.offline_report or {})
+        from sb3_uepo.offline.pipeline import OfflinePretrainer
+
+        dataset = self._resolve_dataset()
+        config = self.offline_config()
+        if not isinstance(self.policy, DiffusionPolicy):
+            check_gaussian_action_bounds(self.action_space)
+        pretrainer = OfflinePretrainer(
+            dataset,
+            self.observation_space,
+            self.action_space,
+            config,
+            logger=self._offline_logger(),
+            checkpoint_dir=self.pretrain_dir,
+            progress_bar=progress_bar,
+            device=self.device,
+            env_id=getattr(dataset, "env_id", None) or self._env_id(),
+            verbose=self.verbose,
+        )
+        result = pretrainer.run()
+        self.offline_result = result
+        self.load_offline_result(result)
+        self.offline_report = result.to_report()
+        self.pretrained = True
+        return dict(self.offline_report)
+
+    def _offline_logger(self) -> Logger:
+        """The logger of the offline stages: the user's (``set_logger``), else TensorBoard under ``tensorboard_log``
+        (run ``UEPO_offline_<i>``) and stdout tables only with ``verbose >= 2`` (progress bars report progress)."""
+        if getattr(self, "_custom_logger", False):
+            return self._logger
+        output_formats = [make_output_format("stdout", "")] if self.verbose >= 2 else []
+        folder = None
+        if self.tensorboard_log is not None:
+            folder = os.path.join(
+                self.tensorboard_log, f"UEPO_offline_{get_latest_run_id(self.tensorboard_log, 'UEPO_offline') + 1}"
+            )
+            output_formats.append(make_output_format("tensorboard", folder))
+        return Logger(folder, output_formats)
+
+    def _maybe_pretrain(self, progress_bar: bool = False) -> None:
+        """Called at the start of :meth:`learn`: run :meth:`pretrain` once when a dataset was given."""
+        if self.dataset is not None and not self.pretrained:
+            self.pretrain(progress_bar=progress_bar)
+
+    def _resolve_dataset(self) -> Any:
+        from sb3_uepo.common.datasets import load_dataset
+
+        if isinstance(self.dataset, (str, os.PathLike)):
+            return load_dataset(self.dataset)
+        return self.dataset
+
+    def _env_id(self) -> str | None:
+        if self.env is None:
+            return None
+        spec = self.env.get_attr("spec", [0])[0]
+        return getattr(spec, "id", None)
+
+    def offline_config(self) -> Any:
+        """The :class:`~sb3_uepo.offline.config.OfflineConfig` that :meth:`pretrain` runs: preset +
+        ``offline_kwargs``, with the architecture, seed and gamma of this model (``handover.offline_config_for``).
+        Raises ``ValueError`` when the policy and the preset do not fit together."""
+        return offline_config_for(self.policy, self.preset, self.offline_kwargs, self.seed, self.gamma)
+
+    def load_offline_result(self, result: Any, member: str = "chosen") -> None:
+        """Put an offline result into the policy as :meth:`pretrain` does (the policy's own ``load_offline_result``:
+        weights, IQL value, observation statistics, initial noise), then freeze the KL reference when
+        ``kl_ref_coef > 0``; e.g. a result of :func:`~sb3_uepo.offline.pipeline.pretrain` run with
+        :meth:`offline_config` elsewhere, or one of its members (``result.member(i)``).
+
+        :param result: an :class:`~sb3_uepo.offline.pipeline.OfflineResult`
+        :param member: ``"chosen"`` (the member chosen offline) or ``"behavior"`` (the behaviour diffusion model of
+            stage 1, i.e. diffusion BC; DiffusionPolicy only)
+        """
+        if member not in ("chosen", "behavior"):
+            raise ValueError(f"member must be 'chosen' or 'behavior', got {member!r}")
+        self.policy.load_offline_result(result, member=member)  # type: ignore[union-attr]
+        if self.kl_ref_coef > 0.0:
+            self.set_reference_policy()
+
+    def steer(self, agent_class: Any = None, noise_bound: float = 2.0, n_envs: int = 1, **agent_kwargs: Any) -> Any:
+        """Noise-space steering (DSRL): an SB3 off-policy agent (default SAC) learns which initial noise to give a
+        FROZEN copy of this model's diffusion policy in each state. Pretrains first when a dataset was given.
+
+        :param agent_class: SB3 off-policy algorithm class (default ``stable_baselines3.SAC``)
+        :param noise_bound: half-width of the noise action space
+        :param n_envs: environments of the agent
+        :param agent_kwargs: keyword arguments of the agent
+        :return: a :class:`~sb3_uepo.uepo.steering.SteeredModel`; call ``.learn(steps)``, ``.predict``, ``.save``
+        """
+        from sb3_uepo.uepo.steering import steer
+
+        if not isinstance(self.policy, DiffusionPolicy):
+            raise ValueError("steering needs a DiffusionPolicy (it steers the initial noise of the denoising chain)")
+        env_id = self._env_id()
+        if env_id is None:
+            raise ValueError("steering needs the model's environment id: build UEPO with a registered env")
+        self._maybe_pretrain()
+        return steer(self.policy, env_id, agent_class, noise_bound, n_envs, self.seed, **agent_kwargs)
+
+    def set_reference_policy(self, policy_state: dict[str, th.Tensor] | None = None) -> None:
+        """Freeze a copy of the current policy (or of ``policy_state``, a full policy ``state_dict``) as the
+        reference of the KL term. The reference is saved with the model.
+
+        :param policy_state: weights of the reference; None copies the current policy
+        """
+        self._reference_policy_set = True
+        self.reference_policy = self._frozen_copy(self.policy)
+        if policy_state is not None:
+            self.reference_policy.load_state_dict(policy_state)
+
+    def _warn_if_observations_normalised_twice(self) -> None:
+        vec_normalize = self.get_vec_normalize_env()
+        if vec_normalize is None or not vec_normalize.norm_obs or not isinstance(self.policy, DiffusionPolicy):
+            return
+        identity = bool((self.policy.obs_mean == 0).all() and (self.policy.obs_std == 1).all())
+        if not identity:
+            warnings.warn(
+                "VecNormalize(norm_obs=True) re-estimates observation statistics on top of the policy's fixed ones "
+                "(set_observation_statistics); use VecNormalize(norm_obs=False) to keep the offline normalisation"
+            )

@@ -73,6 +73,15 @@ class MlpPolicy(ActorCriticPolicy):
         self.mlp_extractor.value_net.load_state_dict({k: v for k, v in value.items() if int(k.split(".")[0]) != last})
         self.value_net.load_state_dict({k.split(".", 1)[1]: v for k, v in value.items() if int(k.split(".")[0]) == last})
 
+    def actor_critic_parameters(self) -> tuple[list[th.nn.Parameter], list[th.nn.Parameter]]:
+        """(actor, critic) parameters, clipped separately by UEPO: the value head and the value MLP (and a separate
+        value features extractor) are the critic, everything else the actor."""
+        critic = list(self.value_net.parameters()) + list(self.mlp_extractor.value_net.parameters())
+        if not self.share_features_extractor:
+            critic += list(self.vf_features_extractor.parameters())
+        critic_ids = {id(p) for p in critic}
+        return [p for p in self.parameters() if id(p) not in critic_ids], critic
+
     def normalize_obs(self, obs: PyTorchObs) -> th.Tensor:
         """``(obs - mean) / std`` with the fixed statistics."""
         assert isinstance(obs, th.Tensor), "MlpPolicy takes flat Box observations"

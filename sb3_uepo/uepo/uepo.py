@@ -1,10 +1,11 @@
 """UEPO's online stage: PPO over the denoising chain (stage 7 of docs/algorithm.md) as a Stable-Baselines3 on-policy algorithm.
 
-Owns: :class:`UEPO` (rollout collection with chains, the chain-PPO loss with the denoising-step discount, the decaying
-KL to a frozen reference policy, the value warm-up, save/load declarations) and the seam through which the offline
-stages hand over their policy (:meth:`UEPO.pretrain`, :meth:`UEPO.load_offline_result`,
-:meth:`UEPO.set_reference_policy`). Must not touch: the offline stages themselves (``offline/``), the networks
-(``common/policies.py``), rollout storage (``common/buffers.py``), the diffusion formulas (``common/diffusion.py``).
+Owns: :class:`UEPO` (the "auto" constructor defaults, the chain-PPO loss with the denoising-step discount, the decaying
+KL to a frozen reference policy, the value warm-up, separate actor / critic gradient clips, save/load declarations).
+The offline seam (``pretrain``, ``load_offline_result``, ``set_reference_policy``, ``steer``) is mixed in from
+``handover.py``, rollout collection with chains from ``rollouts.py``. Must not touch: the offline stages themselves
+(``sb3_uepo/offline``), the networks (``common/policies.py``), rollout storage (``common/buffers.py``), the
+diffusion formulas (``common/diffusion.py``).
 
 Loss, per minibatch of ``B`` rollout steps whose chains have ``S`` denoising steps (DPPO, Ren et al. 2024,
 irom-princeton/dppo; Uni-O4, Lei et al. 2024, for the small clip and the KL to the offline policy)::
@@ -23,7 +24,6 @@ closed-form Gaussian one: UEPO is then SB3's PPO plus the KL term and the value 
 
 from __future__ import annotations
 
-import copy
 import io
 import os
 import pathlib
@@ -35,25 +35,22 @@ import numpy as np
 import torch as th
 from gymnasium import spaces
 from stable_baselines3.common.buffers import RolloutBuffer
-from stable_baselines3.common.callbacks import BaseCallback
-from stable_baselines3.common.logger import Logger, make_output_format
 from stable_baselines3.common.on_policy_algorithm import OnPolicyAlgorithm
 from stable_baselines3.common.policies import ActorCriticPolicy, BasePolicy
 from stable_baselines3.common.type_aliases import GymEnv, MaybeCallback, Schedule
-from stable_baselines3.common.utils import FloatSchedule, explained_variance, get_latest_run_id, obs_as_tensor
-from stable_baselines3.common.vec_env import VecEnv
-from torch import nn
+from stable_baselines3.common.utils import FloatSchedule, explained_variance
 from torch.nn import functional as F
 
 from sb3_uepo.common.buffers import DiffusionRolloutBuffer
 from sb3_uepo.uepo.defaults import AUTO, resolve_auto_arguments
-from sb3_uepo.uepo.handover import check_gaussian_action_bounds, offline_config_for, policy_kwargs_from_offline
+from sb3_uepo.uepo.handover import OfflineHandoverMixin, policy_kwargs_from_offline
 from sb3_uepo.uepo.policies import DiffusionPolicy, MlpPolicy
+from sb3_uepo.uepo.rollouts import ChainRolloutMixin
 
 SelfUEPO = TypeVar("SelfUEPO", bound="UEPO")
 
 
-class UEPO(OnPolicyAlgorithm):
+class UEPO(OfflineHandoverMixin, ChainRolloutMixin, OnPolicyAlgorithm):
     """Unified Expressive Policy Optimization, online stage: PPO over a diffusion policy's denoising chain.
 
     Without a dataset it is a plain (chain-)PPO learning from scratch; with one, :meth:`learn` first runs the offline
@@ -305,23 +302,6 @@ class UEPO(OnPolicyAlgorithm):
         # The reference's weights are a copy of the policy's here; load() then overwrites them with the saved ones.
         self.reference_policy = self._frozen_copy(self.policy) if self._reference_needed() else None
 
-    def _reference_needed(self) -> bool:
-        return self.kl_ref_coef > 0.0 or self._reference_policy_set
-
-    @staticmethod
-    def _frozen_copy(policy: BasePolicy) -> Any:
-        # SB3's action distributions cache their last torch distribution and gSDE noise: tensors inside the autograd
-        # graph, which deepcopy refuses. The reference recomputes them when used, so its copy leaves them out (None).
-        memo: dict[int, Any] = {}
-        for value in getattr(getattr(policy, "action_dist", None), "__dict__", {}).values():
-            if isinstance(value, (th.Tensor, th.distributions.Distribution)):
-                memo[id(value)] = None
-        reference = copy.deepcopy(policy, memo)
-        del reference.optimizer  # never stepped; keep neither its state nor a second set of moments
-        reference.requires_grad_(False)
-        reference.set_training_mode(False)
-        return reference
-
     def _update_learning_rate(self, optimizers: list[th.optim.Optimizer] | th.optim.Optimizer) -> None:
         """SB3's update, honouring a per-group ``lr_scale`` (the DiffusionPolicy's value network)."""
         learning_rate = self.lr_schedule(self._current_progress_remaining)
@@ -329,222 +309,6 @@ class UEPO(OnPolicyAlgorithm):
         for optimizer in optimizers if isinstance(optimizers, list) else [optimizers]:
             for group in optimizer.param_groups:
                 group["lr"] = learning_rate * group.get("lr_scale", 1.0)
-
-    # ------------------------------------------------------------------------------------------ offline seam
-    def pretrain(self, progress_bar: bool = False) -> dict[str, Any]:
-        """Run the offline stages (1-6 in docs/algorithm.md) on ``self.dataset``; hand the chosen policy to online learning.
-
-        Never touches the environment: the member handed on is chosen by offline policy evaluation alone. The chosen
-        member's weights (and its seed noise) go into the policy, the IQL value into the value network, the dataset's
-        observation statistics become the policy's fixed normalisation, and (``kl_ref_coef > 0``) the resulting policy
-        is frozen as the KL reference. :meth:`learn` calls this once when a dataset was given; a loaded pretrained
-        model skips it. With ``pretrain_dir``, an interrupted run resumes from its last completed stage.
-
-        :param progress_bar: one progress bar per stage
-        :return: the report: per-stage losses and times, OPE scores per member, the chosen member and why
-        """
-        if self.dataset is None:
-            raise ValueError("pretrain() needs a dataset: UEPO(..., dataset=...)")
-        if self.pretrained:
-            warnings.warn("pretrain(): this model is already pretrained; returning the stored report")
-            return dict(self.offline_report or {})
-        from sb3_uepo.offline.pipeline import OfflinePretrainer
-
-        dataset = self._resolve_dataset()
-        config = self.offline_config()
-        if not isinstance(self.policy, DiffusionPolicy):
-            check_gaussian_action_bounds(self.action_space)
-        pretrainer = OfflinePretrainer(
-            dataset,
-            self.observation_space,
-            self.action_space,
-            config,
-            logger=self._offline_logger(),
-            checkpoint_dir=self.pretrain_dir,
-            progress_bar=progress_bar,
-            device=self.device,
-            env_id=getattr(dataset, "env_id", None) or self._env_id(),
-            verbose=self.verbose,
-        )
-        result = pretrainer.run()
-        self.offline_result = result
-        self.load_offline_result(result)
-        self.offline_report = result.to_report()
-        self.pretrained = True
-        return dict(self.offline_report)
-
-    def _offline_logger(self) -> Logger:
-        """The logger of the offline stages: the user's (``set_logger``), else TensorBoard under ``tensorboard_log``
-        (run ``UEPO_offline_<i>``) and stdout tables only with ``verbose >= 2`` (progress bars report progress)."""
-        if getattr(self, "_custom_logger", False):
-            return self._logger
-        output_formats = [make_output_format("stdout", "")] if self.verbose >= 2 else []
-        folder = None
-        if self.tensorboard_log is not None:
-            folder = os.path.join(
-                self.tensorboard_log, f"UEPO_offline_{get_latest_run_id(self.tensorboard_log, 'UEPO_offline') + 1}"
-            )
-            output_formats.append(make_output_format("tensorboard", folder))
-        return Logger(folder, output_formats)
-
-    def _maybe_pretrain(self, progress_bar: bool = False) -> None:
-        """Called at the start of :meth:`learn`: run :meth:`pretrain` once when a dataset was given."""
-        if self.dataset is not None and not self.pretrained:
-            self.pretrain(progress_bar=progress_bar)
-
-    def _resolve_dataset(self) -> Any:
-        from sb3_uepo.common.datasets import load_dataset
-
-        if isinstance(self.dataset, (str, os.PathLike)):
-            return load_dataset(self.dataset)
-        return self.dataset
-
-    def _env_id(self) -> str | None:
-        if self.env is None:
-            return None
-        spec = self.env.get_attr("spec", [0])[0]
-        return getattr(spec, "id", None)
-
-    def offline_config(self) -> Any:
-        """The :class:`~sb3_uepo.offline.config.OfflineConfig` that :meth:`pretrain` runs: preset +
-        ``offline_kwargs``, with the architecture, seed and gamma of this model (``handover.offline_config_for``).
-        Raises ``ValueError`` when the policy and the preset do not fit together."""
-        return offline_config_for(self.policy, self.preset, self.offline_kwargs, self.seed, self.gamma)
-
-    def load_offline_result(self, result: Any, member: str = "chosen") -> None:
-        """Put an offline result into the policy as :meth:`pretrain` does (the policy's own ``load_offline_result``:
-        weights, IQL value, observation statistics, initial noise), then freeze the KL reference when
-        ``kl_ref_coef > 0``; e.g. a result of :func:`~sb3_uepo.offline.pipeline.pretrain` run with
-        :meth:`offline_config` elsewhere, or one of its members (``result.member(i)``).
-
-        :param result: an :class:`~sb3_uepo.offline.pipeline.OfflineResult`
-        :param member: ``"chosen"`` (the member chosen offline) or ``"behavior"`` (the behaviour diffusion model of
-            stage 1, i.e. diffusion BC; DiffusionPolicy only)
-        """
-        if member not in ("chosen", "behavior"):
-            raise ValueError(f"member must be 'chosen' or 'behavior', got {member!r}")
-        self.policy.load_offline_result(result, member=member)  # type: ignore[union-attr]
-        if self.kl_ref_coef > 0.0:
-            self.set_reference_policy()
-
-    def steer(self, agent_class: Any = None, noise_bound: float = 2.0, n_envs: int = 1, **agent_kwargs: Any) -> Any:
-        """Noise-space steering (DSRL): an SB3 off-policy agent (default SAC) learns which initial noise to give a
-        FROZEN copy of this model's diffusion policy in each state. Pretrains first when a dataset was given.
-
-        :param agent_class: SB3 off-policy algorithm class (default ``stable_baselines3.SAC``)
-        :param noise_bound: half-width of the noise action space
-        :param n_envs: environments of the agent
-        :param agent_kwargs: keyword arguments of the agent
-        :return: a :class:`~sb3_uepo.uepo.steering.SteeredModel`; call ``.learn(steps)``, ``.predict``, ``.save``
-        """
-        from sb3_uepo.uepo.steering import steer
-
-        if not isinstance(self.policy, DiffusionPolicy):
-            raise ValueError("steering needs a DiffusionPolicy (it steers the initial noise of the denoising chain)")
-        env_id = self._env_id()
-        if env_id is None:
-            raise ValueError("steering needs the model's environment id: build UEPO with a registered env")
-        self._maybe_pretrain()
-        return steer(self.policy, env_id, agent_class, noise_bound, n_envs, self.seed, **agent_kwargs)
-
-    def set_reference_policy(self, policy_state: dict[str, th.Tensor] | None = None) -> None:
-        """Freeze a copy of the current policy (or of ``policy_state``, a full policy ``state_dict``) as the
-        reference of the KL term. The reference is saved with the model.
-
-        :param policy_state: weights of the reference; None copies the current policy
-        """
-        self._reference_policy_set = True
-        self.reference_policy = self._frozen_copy(self.policy)
-        if policy_state is not None:
-            self.reference_policy.load_state_dict(policy_state)
-
-    # ------------------------------------------------------------------------------------------ rollouts
-    def collect_rollouts(
-        self,
-        env: VecEnv,
-        callback: BaseCallback,
-        rollout_buffer: RolloutBuffer,
-        n_rollout_steps: int,
-    ) -> bool:
-        """SB3's ``OnPolicyAlgorithm.collect_rollouts``, storing the denoising chains of a DiffusionPolicy.
-
-        :param env: the training environment
-        :param callback: callback called at every step
-        :param rollout_buffer: buffer to fill
-        :param n_rollout_steps: steps to collect per environment
-        :return: False if the callback stopped the rollout early
-        """
-        assert self._last_obs is not None, "No previous observation was provided"
-        self.policy.set_training_mode(False)
-        is_diffusion = isinstance(self.policy, DiffusionPolicy)
-        n_steps = 0
-        rollout_buffer.reset()
-        if self.use_sde:
-            self.policy.reset_noise(env.num_envs)  # type: ignore[union-attr]
-
-        callback.on_rollout_start()
-
-        while n_steps < n_rollout_steps:
-            if self.use_sde and self.sde_sample_freq > 0 and n_steps % self.sde_sample_freq == 0:
-                self.policy.reset_noise(env.num_envs)  # type: ignore[union-attr]
-
-            with th.no_grad():
-                obs_tensor = obs_as_tensor(self._last_obs, self.device)  # type: ignore[arg-type]
-                chain_kwargs: dict[str, th.Tensor] = {}
-                if is_diffusion:
-                    sample = self.policy.sample_chain_with_values(obs_tensor)  # type: ignore[union-attr, arg-type]
-                    actions_t, values, log_probs = sample.actions, sample.values, sample.log_prob
-                    chain_kwargs = {"chains": sample.chain, "step_log_probs": sample.step_log_prob}
-                else:
-                    actions_t, values, log_probs = self.policy(obs_tensor)
-            actions = actions_t.cpu().numpy()
-
-            if self.policy.squash_output:  # DiffusionPolicy: actions in [-1, 1] -> env bounds
-                clipped_actions = self.policy.unscale_action(actions)
-            else:  # Gaussian: clip to the bounds
-                clipped_actions = np.clip(actions, self.action_space.low, self.action_space.high)  # type: ignore[attr-defined]
-
-            new_obs, rewards, dones, infos = env.step(clipped_actions)
-            self.num_timesteps += env.num_envs
-
-            callback.update_locals(locals())
-            if not callback.on_step():
-                return False
-
-            self._update_info_buffer(infos, dones)
-            n_steps += 1
-
-            # Handle timeout by bootstrapping with the value function (SB3 issue #633)
-            for idx, done in enumerate(dones):
-                if (
-                    done
-                    and infos[idx].get("terminal_observation") is not None
-                    and infos[idx].get("TimeLimit.truncated", False)
-                ):
-                    terminal_obs = self.policy.obs_to_tensor(infos[idx]["terminal_observation"])[0]
-                    with th.no_grad():
-                        terminal_value = self.policy.predict_values(terminal_obs)[0]  # type: ignore[arg-type]
-                    rewards[idx] += self.gamma * terminal_value
-
-            rollout_buffer.add(
-                self._last_obs,  # type: ignore[arg-type]
-                actions,
-                rewards,
-                self._last_episode_starts,  # type: ignore[arg-type]
-                values,
-                log_probs,
-                **chain_kwargs,
-            )
-            self._last_obs = new_obs  # type: ignore[assignment]
-            self._last_episode_starts = dones
-
-        with th.no_grad():
-            values = self.policy.predict_values(obs_as_tensor(new_obs, self.device))  # type: ignore[arg-type]
-
-        rollout_buffer.compute_returns_and_advantage(last_values=values, dones=dones)
-        callback.update_locals(locals())
-        callback.on_rollout_end()
-        return True
 
     # ------------------------------------------------------------------------------------------ training
     def current_kl_ref_coef(self) -> float:
@@ -591,21 +355,11 @@ class UEPO(OnPolicyAlgorithm):
         self._n_train_rounds += 1
         self._record_train_logs(logs, clip_range, clip_range_vf, value_only, kl_coef)
 
-    def actor_critic_parameters(self) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
-        """(actor parameters, critic parameters) of the policy: the denoiser (or Gaussian actor) and the value net."""
-        if isinstance(self.policy, DiffusionPolicy):
-            return list(self.policy.denoiser.parameters()), list(self.policy.value_net.parameters())
-        critic = list(self.policy.value_net.parameters()) + list(self.policy.mlp_extractor.value_net.parameters())
-        if not self.policy.share_features_extractor:
-            critic += list(self.policy.vf_features_extractor.parameters())
-        critic_ids = {id(p) for p in critic}
-        return [p for p in self.policy.parameters() if id(p) not in critic_ids], critic
-
     def _clip_gradients(self) -> None:
         """Clip the actor's and the critic's gradients SEPARATELY (as DPPO and Uni-O4 optimise them): on raw rewards
         the value gradient is orders of magnitude larger than the actor's, and one joint clip would shrink every actor
         step by that factor."""
-        actor, critic = self.actor_critic_parameters()
+        actor, critic = self.policy.actor_critic_parameters()  # type: ignore[union-attr]
         th.nn.utils.clip_grad_norm_(actor, self.max_grad_norm)
         th.nn.utils.clip_grad_norm_(critic, self.max_grad_norm if self.max_grad_norm_vf is None else self.max_grad_norm_vf)
 
@@ -726,17 +480,6 @@ class UEPO(OnPolicyAlgorithm):
             reset_num_timesteps=reset_num_timesteps,
             progress_bar=progress_bar,
         )
-
-    def _warn_if_observations_normalised_twice(self) -> None:
-        vec_normalize = self.get_vec_normalize_env()
-        if vec_normalize is None or not vec_normalize.norm_obs or not isinstance(self.policy, DiffusionPolicy):
-            return
-        identity = bool((self.policy.obs_mean == 0).all() and (self.policy.obs_std == 1).all())
-        if not identity:
-            warnings.warn(
-                "VecNormalize(norm_obs=True) re-estimates observation statistics on top of the policy's fixed ones "
-                "(set_observation_statistics); use VecNormalize(norm_obs=False) to keep the offline normalisation"
-            )
 
     # ------------------------------------------------------------------------------------------ save / load
     def _excluded_save_params(self) -> list[str]:
