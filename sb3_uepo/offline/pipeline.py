@@ -1,10 +1,11 @@
 """The offline phase of UEPO end to end: :func:`pretrain` / :class:`OfflinePretrainer` and :class:`OfflineResult`.
 
 Owns: the order of the stages, input validation, the data conventions of the offline phase (fixed observation
-normalisation, actions scaled to [-1, 1]), per-stage checkpoints and resuming, the stage logging and the choice of the
-member handed to online learning. Must not touch: any stage's internals (``behavior.py``, ``iql.py``, ``dynamics.py``,
-``augmentation.py``, ``members.py``, ``offline_ppo.py``, ``divergence.py``, ``ope.py``), the environment (the offline
-phase never gets one: the member is chosen by OPE alone), the online algorithm (``sb3_uepo/uepo/``).
+normalisation, actions scaled to [-1, 1]), restoring stages from their checkpoints, the stage logging and the
+assembly of the :class:`OfflineResult`. Must not touch: any stage's internals (``behavior.py``, ``iql.py``,
+``dynamics.py``, ``augmentation.py``, ``members.py``, ``offline_ppo.py``, ``divergence.py``, ``ope.py``), checkpoint
+files (``checkpoints.py``), the environment (the offline phase never gets one: the member is chosen offline alone), the
+online algorithm (``sb3_uepo/uepo/``).
 
 Stages, in order (docs/algorithm.md):
 
@@ -14,17 +15,17 @@ iql        IQL critics V, Q1, Q2 (expectile 0.7, target networks)
 dynamics   dynamics ensemble on real data; with ``augment``: diffusion-synthesised transitions, filtered, and the
            ensemble refitted on real + synthetic (skipped without offline improvement, or with mean-Q OPE and no
            augmentation)
-members    n members copied from the ONE behaviour denoiser with their own seed noise (or Gaussian BC members)
+members    n members copied from the ONE behaviour denoiser, acting from x_0 = 0 (or Gaussian BC members)
 offline_ppo offline PPO of all members at once with the regularisers; OPE every ``ope_interval`` steps gates each
            member's previous policy; resumable inside the stage (a partial checkpoint at every OPE)
 ========== ===============================================================================================
 
-Then the member with the best OPE score of its best-by-OPE policy is chosen.
+Then a member is handed on: with offline improvement off (the default for diffusion members) member 0, the behaviour
+model itself; with it on, the best-by-OPE policy of the member with the highest ``choice_score``.
 
-Checkpoints (``checkpoint_dir``): ``stage_<name>.pt`` for every completed stage, ``stage_offline_ppo.partial.pt``
-while offline PPO runs, and ``progress.json`` (completed stages, per-stage reports, a fingerprint of the config and
-the data). Every file is written atomically. Rerunning with the same directory, config and data skips the completed
-stages and continues the interrupted one; a different config or dataset raises a clear error instead of mixing runs.
+Checkpoints (``checkpoint_dir``): see ``checkpoints.py`` (``StageCheckpoints``): every completed stage, offline PPO's
+state at every OPE, and ``progress.json``; a rerun with the same config and data resumes, one that changes only
+offline PPO's settings reuses the stages before it, any other difference is refused with a clear error.
 """
 
 from __future__ import annotations
@@ -44,8 +45,9 @@ import torch
 from gymnasium import spaces
 from torch import nn
 
-from sb3_uepo.common.io import atomic_path, output_lock, write_json
+from sb3_uepo.common.io import atomic_path, output_lock
 from sb3_uepo.offline.behavior import fit_behavior_model, make_denoiser, make_sampler
+from sb3_uepo.offline.checkpoints import Progress, StageCheckpoints, jsonable
 from sb3_uepo.offline.config import OfflineConfig, log_values, resolve_offline_config
 from sb3_uepo.offline.divergence import SegmentSampler, pairwise_divergence
 from sb3_uepo.offline.iql import IQLCritics, fit_iql, make_value_net
@@ -98,7 +100,6 @@ OFFLINE_PPO_ONLY_FIELDS = (
 # data's size (measured on the embedded Hopper data with the quick preset: 397 kept of 20,000 generated, i.e. 0.5% of
 # the 80k real transitions, and the refit took 40 of the stage's 89 s).
 MIN_SYNTHETIC_FRACTION = 0.01
-CHECKPOINT_FORMAT = 1
 
 
 # ---------------------------------------------------------------------------------------------- result
@@ -196,7 +197,7 @@ class OfflineResult:
     # ------------------------------------------------------------------------------------------ report, persistence
     def to_report(self) -> dict[str, Any]:
         """JSON-able summary (no weights): chosen member and why, OPE scores over time, per-stage losses, config."""
-        return _jsonable(
+        return jsonable(
             dict(
                 chosen_member=self.chosen_member,
                 chosen_reason=self.chosen_reason,
@@ -226,20 +227,6 @@ class OfflineResult:
 
 
 # ---------------------------------------------------------------------------------------------- helpers
-def _jsonable(obj: Any) -> Any:
-    if isinstance(obj, dict):
-        return {str(k): _jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, list | tuple):
-        return [_jsonable(v) for v in obj]
-    if isinstance(obj, np.ndarray | torch.Tensor):
-        return np.asarray(obj.detach().cpu() if isinstance(obj, torch.Tensor) else obj).tolist()
-    if isinstance(obj, np.generic):
-        return obj.item()
-    if isinstance(obj, float) and not np.isfinite(obj):
-        return None
-    return obj
-
-
 class _PrefixLogger:
     """Adds ``offline/`` in front of the keys of the stages that log without it (dynamics, augmentation)."""
 
@@ -329,6 +316,11 @@ class OfflinePretrainer:
         self.fingerprint = self._fingerprint()
         # the stages before offline PPO do not read its settings: a run that changes only those reuses them
         self.early_fingerprint = self._fingerprint(exclude=OFFLINE_PPO_ONLY_FIELDS)
+        self.checkpoints = (
+            StageCheckpoints(self.checkpoint_dir, self.fingerprint, self.early_fingerprint, STAGES, self._say)
+            if self.checkpoint_dir is not None
+            else None
+        )
         self.reports: dict[str, dict[str, Any]] = {}
         self.completed: list[str] = []
         self.seconds: dict[str, float] = {}
@@ -381,7 +373,7 @@ class OfflinePretrainer:
         """Hash of the config (without the ``exclude`` fields) and the data."""
         h = hashlib.sha256()
         config = {k: v for k, v in self.config.to_dict().items() if k not in exclude}
-        h.update(json.dumps(_jsonable(config), sort_keys=True).encode())
+        h.update(json.dumps(jsonable(config), sort_keys=True).encode())
         for arr in (self.dataset.observations, self.dataset.actions, self.dataset.rewards, self.dataset.terminals):
             h.update(np.ascontiguousarray(arr).tobytes())
         h.update(self.data.action_low.tobytes() + self.data.action_high.tobytes())
@@ -399,64 +391,17 @@ class OfflinePretrainer:
         return self._termination
 
     # ------------------------------------------------------------------------------------------ checkpoints
-    def _path(self, name: str) -> Path:
-        assert self.checkpoint_dir is not None
-        return self.checkpoint_dir / name
-
     def _load_progress(self) -> None:
-        if self.checkpoint_dir is None or not self.resume or not self._path("progress.json").is_file():
+        if self.checkpoints is None or not self.resume:
             return
-        try:
-            progress = json.loads(self._path("progress.json").read_text())
-            if not isinstance(progress, dict):
-                raise ValueError("not a JSON object")
-        except (OSError, ValueError) as exc:
-            warnings.warn(f"{self._path('progress.json')} is unreadable ({exc}); every stage is recomputed", stacklevel=3)
-            return
-        if progress.get("fingerprint") != self.fingerprint and progress.get("early_fingerprint") == self.early_fingerprint:
-            # only offline PPO's settings changed (an ablation of its regularisers, say): keep the stages before it
-            kept = [s for s in progress.get("completed", []) if s in STAGES and s != "offline_ppo"]
-            self._path("stage_offline_ppo.partial.pt").unlink(missing_ok=True)
-            progress = dict(progress, completed=kept, fingerprint=self.fingerprint)
-            self._say(f"only offline PPO's settings differ from {self.checkpoint_dir}'s run: reusing {', '.join(kept)}")
-        if progress.get("fingerprint") != self.fingerprint:
-            raise ValueError(
-                f"Checkpoint directory '{self.checkpoint_dir}' holds an offline run with a different config or dataset "
-                "(fingerprint mismatch). Resume only with the same config and data; otherwise use a new checkpoint "
-                "directory, delete this one, or pass resume=False to start over."
-            )
-        self.completed = [s for s in progress.get("completed", []) if s in STAGES]
-        self.reports = progress.get("reports", {})
-        self.seconds = progress.get("seconds", {})
+        progress = self.checkpoints.load_progress()
+        self.completed, self.reports, self.seconds = progress.completed, progress.reports, progress.seconds
 
     def _save_stage(self, name: str, payload: dict[str, Any]) -> None:
         self.completed.append(name)
-        if self.checkpoint_dir is None:
-            return
-        with atomic_path(self._path(f"stage_{name}.pt")) as tmp:
-            torch.save(payload, tmp)
-        self._write_progress()
-
-    def _write_progress(self) -> None:
-        if self.checkpoint_dir is None:
-            return
-        write_json(
-            self._path("progress.json"),
-            _jsonable(
-                dict(
-                    format=CHECKPOINT_FORMAT,
-                    fingerprint=self.fingerprint,
-                    early_fingerprint=self.early_fingerprint,
-                    completed=self.completed,
-                    reports=self.reports,
-                    seconds=self.seconds,
-                    config=self.config.to_dict(),
-                )
-            ),
-        )
-
-    def _load_stage(self, name: str) -> dict[str, Any]:
-        return torch.load(self._path(f"stage_{name}.pt"), map_location=self.device, weights_only=False)
+        if self.checkpoints is not None:
+            progress = Progress(self.completed, self.reports, self.seconds)
+            self.checkpoints.save_stage(name, payload, progress, self.config.to_dict())
 
     # ------------------------------------------------------------------------------------------ run
     def run(self) -> OfflineResult:
@@ -495,7 +440,7 @@ class OfflinePretrainer:
                 output, payload, report = getattr(self, f"_stage_{name}")()
             self.seconds[name] = self.seconds.get(name, 0.0) + time.time() - start
             report = dict(report, seconds=self.seconds[name])
-            self.reports[name] = _jsonable(report)
+            self.reports[name] = jsonable(report)
             self.outputs[name] = output
             self._save_stage(name, payload)
             log_values(self.logger, f"offline/{name}", {"seconds": self.seconds[name]}, 0)
@@ -509,7 +454,8 @@ class OfflinePretrainer:
             print(f"[offline] {line}", flush=True)
 
     def _restore(self, name: str) -> Any:
-        payload = self._load_stage(name)
+        assert self.checkpoints is not None
+        payload = self.checkpoints.load_stage(name, self.device)
         cfg, d = self.config, self.data
         obs_dim, action_dim = d.obs.shape[1], d.actions.shape[1]
         if name == "behavior":
@@ -689,20 +635,15 @@ class OfflinePretrainer:
             ope_fn=self._ope_fn(members.n_members),
             logger=self.logger,
         )
-        partial = self._path("stage_offline_ppo.partial.pt") if self.checkpoint_dir is not None else None
-        if partial is not None and self.resume and partial.is_file():
-            try:
-                saved = torch.load(partial, map_location=self.device, weights_only=False)
-            except Exception as exc:  # truncated or foreign: this stage starts over
-                warnings.warn(f"{partial} is unreadable ({type(exc).__name__}: {exc}); offline PPO starts over", stacklevel=2)
-            else:
-                improvement.load_state_dict(saved)
-                self._say(f"offline_ppo resumes at step {improvement.step_count} of {cfg.ppo_steps}")
+        checkpoints = self.checkpoints
+        saved = checkpoints.load_partial(self.device) if checkpoints is not None and self.resume else None
+        if saved is not None:
+            improvement.load_state_dict(saved)
+            self._say(f"offline_ppo resumes at step {improvement.step_count} of {cfg.ppo_steps}")
 
         def checkpoint(imp: OfflinePolicyImprovement) -> None:
-            if partial is not None:
-                with atomic_path(partial) as tmp:
-                    torch.save(imp.state_dict(), tmp)
+            if checkpoints is not None:
+                checkpoints.save_partial(imp.state_dict())
 
         improvement.run(self.progress, checkpoint_fn=checkpoint)
         state = improvement.state_dict()
@@ -719,8 +660,8 @@ class OfflinePretrainer:
             perturbations=improvement.perturbations,
             train_seconds=improvement.seconds,
         )
-        if partial is not None and partial.exists():
-            partial.unlink()
+        if checkpoints is not None:
+            checkpoints.partial_path.unlink(missing_ok=True)
         return state, state, report
 
     # ------------------------------------------------------------------------------------------ result
@@ -790,7 +731,7 @@ class OfflinePretrainer:
             best_ope_scores=to_list(state["best_scores"]),
             ope_history=list(state["ope_history"]),
             stage_reports=dict(self.reports),
-            config=_jsonable(cfg.to_dict()),
+            config=jsonable(cfg.to_dict()),
             seconds=dict(self.seconds),
             member_state_dicts=member_states,
             member_seed_noises=noises,
