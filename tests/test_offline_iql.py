@@ -45,7 +45,7 @@ def test_iql_learns_a_toy_bandit():
     config = resolve_offline_config(
         "default", dict(iql_steps=600, iql_lr=3e-3, iql_batch_size=256, q_hidden_sizes=(64, 64), value_net_arch=(64, 64))
     )
-    critics, report = fit_iql(obs, actions, rewards, obs, terminals, config, progress=False)
+    critics, report = fit_iql(obs, actions, rewards, obs, terminals, config, progress_bar=False)
     assert report["steps"] == 600 and report["final_q_loss"] < 0.05
     test_obs = torch.rand(256, 1) * 2 - 1
     test_act = torch.rand(256, 1) * 2 - 1

@@ -116,7 +116,7 @@ def test_gaussian_members_clone_the_data_batched():
             n_members=3, gaussian_hidden_sizes=(32, 32), gaussian_bc_steps=300, gaussian_bc_lr=3e-3, gaussian_bc_batch_size=128
         ),
     )
-    members, report = fit_gaussian_members(obs, actions, config, progress=False)
+    members, report = fit_gaussian_members(obs, actions, config, progress_bar=False)
     assert members.n_members == 3 and len(report["final_nll"]) == 3
     pred = members.act(obs)
     assert ((pred - actions) ** 2).mean() < 0.02

@@ -53,7 +53,7 @@ def toy():
     obs = torch.randn(1024, OBS)
     actions = torch.rand(1024, ACT) * 2 - 1  # behaviour: uniform, unrelated to the state
     config = _config()
-    behavior, _ = fit_behavior_model(obs, actions, config, progress=False)
+    behavior, _ = fit_behavior_model(obs, actions, config, progress_bar=False)
     return obs, behavior
 
 
@@ -91,7 +91,7 @@ def test_offline_ppo_improves_the_advantage_on_a_toy_problem(toy):
     config = _config()
     improvement = OfflinePolicyImprovement(_members(behavior, config), ToyCritic(), obs, config)
     before = _mean_advantage(improvement)
-    improvement.run(progress=False)
+    improvement.run(progress_bar=False)
     after = _mean_advantage(improvement)
     assert improvement.step_count == config.ppo_steps
     assert after > before + 0.05, (before, after)
@@ -106,7 +106,7 @@ def test_ope_gate_replaces_only_improved_members(toy):
         _members(behavior, config), ToyCritic(), obs, config, ope_fn=lambda policy_fn: next(scores)
     )
     start = improvement.members.detached_params()
-    improvement.run(progress=False)
+    improvement.run(progress_bar=False)
     name = "net.0.weight"
     assert torch.equal(improvement.old_params[name][0], improvement.members.params[name][0].detach())
     assert torch.equal(improvement.old_params[name][1], start[name][1])
@@ -170,7 +170,7 @@ def test_regularisers_and_perturbation_run_and_are_logged(toy):
     improvement = OfflinePolicyImprovement(
         members, ToyCritic(), obs, config, behavior=behavior, segment_sampler=SegmentSampler(starts, config.segment_length)
     )
-    improvement.run(progress=False)
+    improvement.run(progress_bar=False)
     assert "kl" in improvement.loss_curve[0] and "divergence_loss" in improvement.loss_curve[0]
     assert len(improvement.perturbations) == 2
     first = improvement.perturbations[0]

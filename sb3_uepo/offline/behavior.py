@@ -23,7 +23,7 @@ from typing import Any
 import torch
 
 from sb3_uepo.common.diffusion import ChainSampler, Denoiser, NoiseSchedule
-from sb3_uepo.offline.config import OfflineConfig, log_values, progress_bar
+from sb3_uepo.offline.config import OfflineConfig, log_values, make_progress_bar
 
 
 def make_denoiser(action_dim: int, obs_dim: int, config: OfflineConfig) -> Denoiser:
@@ -42,7 +42,7 @@ def fit_behavior_model(
     actions: torch.Tensor,
     config: OfflineConfig,
     logger: Any = None,
-    progress: bool = True,
+    progress_bar: bool = True,
     log_prefix: str = "offline/behavior",
 ) -> tuple[Denoiser, dict[str, Any]]:
     """Train the behaviour denoiser by epsilon prediction on the dataset.
@@ -52,7 +52,7 @@ def fit_behavior_model(
     :param config: reads ``behavior_steps``, ``behavior_batch_size``, ``behavior_lr``, ``behavior_ema``, the
         architecture fields and ``seed``
     :param logger: SB3 logger or None
-    :param progress: show a progress bar
+    :param progress_bar: show a progress bar
     :param log_prefix: key prefix of the logged values
     :return: the trained denoiser (the EMA copy when ``behavior_ema > 0``; eval mode, no grad) and a report with
         ``steps``, ``final_loss`` (EMA of the training loss), ``loss_curve`` (every ~5 %) and ``seconds``
@@ -70,7 +70,7 @@ def fit_behavior_model(
     batch = min(config.behavior_batch_size, n)
     loss_ema, curve = float("nan"), []
     log_every = max(n_steps // 20, 1)
-    bar = progress_bar(n_steps, progress, "offline: behaviour diffusion")
+    bar = make_progress_bar(n_steps, progress_bar, "offline: behaviour diffusion")
     for step in range(n_steps):
         # cosine decay of the learning rate to 10 % of its initial value
         lr = config.behavior_lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * step / max(n_steps, 1))))

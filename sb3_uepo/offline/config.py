@@ -3,7 +3,7 @@
 Owns: every budget, switch and coefficient of the policy-side offline stages (behaviour diffusion, IQL critics,
 members, offline PPO with its regularisers, OPE gating), the nested dynamics / augmentation configs as the
 pipeline passes them on, the presets ``quick``, ``default``, ``paper`` and ``uni_o4``, and three small runtime
-helpers every policy-side stage shares (:func:`activation_class`, :func:`log_values`, :func:`progress_bar`).
+helpers every policy-side stage shares (:func:`activation_class`, :func:`log_values`, :func:`make_progress_bar`).
 Must not touch: the training code of any stage (each stage reads its fields from here), the dynamics and
 augmentation defaults themselves (``dynamics.py`` / ``augmentation.py`` own them; presets only change budgets).
 
@@ -411,7 +411,7 @@ def log_values(logger: Any, prefix: str, values: dict[str, float], step: int) ->
     logger.dump(step=step)
 
 
-def progress_bar(total: int, enabled: bool, desc: str) -> Any:
+def make_progress_bar(total: int, enabled: bool, desc: str) -> Any:
     """A tqdm bar of ``total`` steps (disabled when ``enabled`` is False)."""
     from tqdm.auto import tqdm
 

@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from stable_baselines3.common.torch_layers import create_mlp
 from torch import nn
 
-from sb3_uepo.offline.config import OfflineConfig, activation_class, log_values, progress_bar
+from sb3_uepo.offline.config import OfflineConfig, activation_class, log_values, make_progress_bar
 
 
 def expectile_loss(diff: torch.Tensor, expectile: float) -> torch.Tensor:
@@ -150,7 +150,7 @@ def fit_iql(
     terminals: torch.Tensor,
     config: OfflineConfig,
     logger: Any = None,
-    progress: bool = True,
+    progress_bar: bool = True,
     log_prefix: str = "offline/iql",
 ) -> tuple[IQLCritics, dict[str, Any]]:
     """Train IQL's critics on the dataset.
@@ -162,7 +162,7 @@ def fit_iql(
     :param terminals: (N,) 1.0 where the episode truly terminated after the transition (not on time limits)
     :param config: reads the ``iql_*`` fields, ``expectile``, ``gamma``, ``target_update_rate``, the architectures, ``seed``
     :param logger: SB3 logger or None
-    :param progress: show a progress bar
+    :param progress_bar: show a progress bar
     :param log_prefix: key prefix of the logged values
     :return: the critics (eval mode, no grad) and a report (``steps``, final losses, ``mean_v``, ``loss_curve``, ``seconds``)
     """
@@ -181,7 +181,7 @@ def fit_iql(
     log_every = max(n_steps // 20, 1)
     value_loss = q_loss = torch.tensor(float("nan"))
     curve = []
-    bar = progress_bar(n_steps, progress, "offline: IQL critics")
+    bar = make_progress_bar(n_steps, progress_bar, "offline: IQL critics")
     for step in range(n_steps):
         idx = torch.randint(0, n, (batch,), generator=generator).to(obs.device)
         value_loss, q_loss = critics.losses(

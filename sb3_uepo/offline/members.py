@@ -37,7 +37,7 @@ from torch import nn
 from torch.func import functional_call, stack_module_state, vmap
 
 from sb3_uepo.common.diffusion import ChainSampler, Denoiser
-from sb3_uepo.offline.config import OfflineConfig, activation_class, log_values, progress_bar
+from sb3_uepo.offline.config import OfflineConfig, activation_class, log_values, make_progress_bar
 
 Params = dict[str, torch.Tensor]
 
@@ -377,7 +377,7 @@ def fit_gaussian_members(
     actions: torch.Tensor,
     config: OfflineConfig,
     logger: Any = None,
-    progress: bool = True,
+    progress_bar: bool = True,
     log_prefix: str = "offline/members",
 ) -> tuple[GaussianMembers, dict[str, Any]]:
     """Behaviour cloning of the ``uni_o4`` Gaussian members, all members in one batched step.
@@ -390,7 +390,7 @@ def fit_gaussian_members(
     :param actions: (N, A) actions in [-1, 1]
     :param config: reads ``gaussian_*``, ``uni_o4_*``, ``n_members``, ``seed``
     :param logger: SB3 logger or None
-    :param progress: show a progress bar
+    :param progress_bar: show a progress bar
     :param log_prefix: key prefix of the logged values
     :return: the members and a report (``steps``, ``final_nll`` per member, ``loss_curve``, ``seconds``)
     """
@@ -406,7 +406,7 @@ def fit_gaussian_members(
     log_every = max(n_steps // 20, 1)
     nll = torch.full((members.n_members,), float("nan"))
     curve = []
-    bar = progress_bar(n_steps, progress, "offline: Gaussian members (BC)")
+    bar = make_progress_bar(n_steps, progress_bar, "offline: Gaussian members (BC)")
     for step in range(n_steps):
         idx = torch.randint(0, n, (batch,), generator=generator).to(obs.device)
         logp = members.log_prob(obs[idx], actions[idx])  # (M, B)

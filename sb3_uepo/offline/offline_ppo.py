@@ -32,7 +32,7 @@ from typing import Any
 
 import torch
 
-from sb3_uepo.offline.config import OfflineConfig, log_values, progress_bar
+from sb3_uepo.offline.config import OfflineConfig, log_values, make_progress_bar
 from sb3_uepo.offline.divergence import (
     SegmentSampler,
     divergence_loss,
@@ -263,10 +263,10 @@ class OfflinePolicyImprovement:
         return entry
 
     # ------------------------------------------------------------------------------------------ loop
-    def run(self, progress: bool = True, checkpoint_fn: Callable[[OfflinePolicyImprovement], None] | None = None) -> None:
+    def run(self, progress_bar: bool = True, checkpoint_fn: Callable[[OfflinePolicyImprovement], None] | None = None) -> None:
         """Train until ``ppo_steps`` (continuing from ``step_count`` after a resume), evaluating every ``ope_interval``.
 
-        :param progress: show a progress bar
+        :param progress_bar: show a progress bar
         :param checkpoint_fn: called with self after every OPE evaluation (saves a resumable state)
         """
         cfg = self.config
@@ -283,7 +283,7 @@ class OfflinePolicyImprovement:
                 )
             )
             log_values(self.logger, "offline/ope", {f"score_{i}": float(s) for i, s in enumerate(self.best_scores)}, 0)  # type: ignore[arg-type]
-        bar = progress_bar(cfg.ppo_steps, progress, "offline: PPO members")
+        bar = make_progress_bar(cfg.ppo_steps, progress_bar, "offline: PPO members")
         bar.update(self.step_count)
         window: list[dict[str, float]] = []
         while self.step_count < cfg.ppo_steps:

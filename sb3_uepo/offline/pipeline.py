@@ -304,7 +304,7 @@ class OfflinePretrainer:
         self.action_space = _box(action_space, "action")
         self.logger = logger
         self.checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir is not None else None
-        self.progress = progress_bar
+        self.progress_bar = progress_bar
         self.device = torch.device(device)
         self.env_id = env_id or getattr(dataset, "env_id", None)
         self.custom_termination = termination_fn
@@ -491,13 +491,13 @@ class OfflinePretrainer:
     def _stage_behavior(self) -> tuple[Any, dict[str, Any], dict[str, Any]]:
         if self.config.policy_type != "diffusion":
             return None, dict(skipped=True), dict(skipped="Gaussian members are cloned directly in the members stage")
-        model, report = fit_behavior_model(self.data.obs, self.data.actions, self.config, self.logger, self.progress)
+        model, report = fit_behavior_model(self.data.obs, self.data.actions, self.config, self.logger, self.progress_bar)
         return model, dict(state_dict=model.state_dict()), report
 
     def _stage_iql(self) -> tuple[Any, dict[str, Any], dict[str, Any]]:
         d = self.data
         critics, report = fit_iql(
-            d.obs, d.actions, d.rewards, d.next_obs, d.terminals, self.config, self.logger, self.progress
+            d.obs, d.actions, d.rewards, d.next_obs, d.terminals, self.config, self.logger, self.progress_bar
         )
         return critics, dict(state_dict=critics.state_dict()), report
 
@@ -509,7 +509,9 @@ class OfflinePretrainer:
 
         logger = _PrefixLogger(self.logger) if self.logger is not None else None
         dyn_cfg = dataclasses.replace(cfg.dynamics, seed=cfg.seed + 5, device=str(self.device))
-        dynamics = fit_dynamics(d.obs, d.actions, d.rewards, d.next_obs, dyn_cfg, logger=logger, progress_bar=self.progress)
+        dynamics = fit_dynamics(
+            d.obs, d.actions, d.rewards, d.next_obs, dyn_cfg, logger=logger, progress_bar=self.progress_bar
+        )
         report: dict[str, Any] = dict(real_only=dict(dynamics.training_report))
         if cfg.augment:
             from sb3_uepo.offline.augmentation import synthesize_transitions
@@ -523,7 +525,7 @@ class OfflinePretrainer:
                 dynamics,
                 aug_cfg,
                 logger=logger,
-                progress_bar=self.progress,
+                progress_bar=self.progress_bar,
                 episode_starts=d.episode_starts,
                 termination_fn=self.termination_fn(),
             )
@@ -538,7 +540,7 @@ class OfflinePretrainer:
                     dyn_cfg,
                     synthetic=synthetic,
                     logger=logger,
-                    progress_bar=self.progress,
+                    progress_bar=self.progress_bar,
                     init=dynamics,
                     log_prefix="dynamics_augmented",
                 )
@@ -554,7 +556,7 @@ class OfflinePretrainer:
     def _stage_members(self) -> tuple[Any, dict[str, Any], dict[str, Any]]:
         cfg, d = self.config, self.data
         if cfg.policy_type == "gaussian":
-            members, report = fit_gaussian_members(d.obs, d.actions, cfg, self.logger, self.progress)
+            members, report = fit_gaussian_members(d.obs, d.actions, cfg, self.logger, self.progress_bar)
             return members, members.state(), report
         behavior = self.outputs["behavior"]
         members = make_diffusion_members(
@@ -645,7 +647,7 @@ class OfflinePretrainer:
             if checkpoints is not None:
                 checkpoints.save_partial(imp.state_dict())
 
-        improvement.run(self.progress, checkpoint_fn=checkpoint)
+        improvement.run(self.progress_bar, checkpoint_fn=checkpoint)
         state = improvement.state_dict()
         index, reason = improvement.best_member()
         state.update(chosen_member=index, chosen_reason=reason)
