@@ -49,6 +49,7 @@ from sb3_uepo.common.io import atomic_path, output_lock
 from sb3_uepo.offline.behavior import fit_behavior_model, make_denoiser, make_sampler
 from sb3_uepo.offline.checkpoints import Progress, StageCheckpoints, jsonable
 from sb3_uepo.offline.config import OfflineConfig, log_values, resolve_offline_config
+from sb3_uepo.offline.data import OfflineData
 from sb3_uepo.offline.divergence import SegmentSampler, pairwise_divergence
 from sb3_uepo.offline.iql import IQLCritics, fit_iql, make_value_net
 from sb3_uepo.offline.members import (
@@ -246,22 +247,6 @@ def _box(space: Any, what: str) -> spaces.Box:
     return space
 
 
-@dataclass
-class _Data:
-    """The dataset as tensors in the offline conventions."""
-
-    obs: torch.Tensor  # (N, O) normalised
-    actions: torch.Tensor  # (N, A) in [-1, 1]
-    rewards: torch.Tensor  # (N,)
-    next_obs: torch.Tensor  # (N, O) normalised
-    terminals: torch.Tensor  # (N,) float
-    episode_starts: torch.Tensor  # (N,) bool
-    obs_mean: np.ndarray
-    obs_std: np.ndarray
-    action_low: np.ndarray
-    action_high: np.ndarray
-
-
 # ---------------------------------------------------------------------------------------------- pretrainer
 class OfflinePretrainer:
     """Runs the offline stages in order with checkpoints; see the module docstring.
@@ -309,7 +294,7 @@ class OfflinePretrainer:
         self.env_id = env_id or getattr(dataset, "env_id", None)
         self.custom_termination = termination_fn
         self.resume = resume
-        self.data = self._prepare_data()
+        self.data = OfflineData.from_dataset(self.dataset, self.observation_space, self.action_space, self.device)
         self.segment_sampler = (
             SegmentSampler(self.data.episode_starts.cpu(), self.config.segment_length) if self.config.needs_segments else None
         )
@@ -327,48 +312,6 @@ class OfflinePretrainer:
         self.outputs: dict[str, Any] = {}
 
     # ------------------------------------------------------------------------------------------ inputs
-    def _prepare_data(self) -> _Data:
-        from sb3_uepo.common.datasets.validation import validate_dataset
-
-        ds = self.dataset
-        validate_dataset(ds, observation_space=self.observation_space, action_space=self.action_space)
-        low, high = self.action_space.low.astype(np.float64).reshape(-1), self.action_space.high.astype(np.float64).reshape(-1)
-        if not (np.isfinite(low).all() and np.isfinite(high).all()) or (high <= low).any():
-            raise ValueError(
-                "pretrain: the action space needs finite bounds with high > low to scale actions to [-1, 1], "
-                f"got low={low}, high={high}"
-            )
-        min_transitions = 2
-        if len(ds) < min_transitions:
-            raise ValueError(
-                f"Dataset '{ds.name}' holds {len(ds)} transition(s); offline pretraining needs at least {min_transitions}."
-            )
-        stats = ds.statistics()
-        mean, std = stats.obs_mean.astype(np.float32), stats.obs_std.astype(np.float32)
-        actions = 2.0 * (ds.actions.astype(np.float64) - low) / (high - low) - 1.0
-        outside = np.abs(actions) > 1.0 + 1e-6
-        if outside.any():
-            warnings.warn(
-                f"Dataset '{ds.name}': {int(outside.any(1).sum())} action(s) slightly outside the action bounds were clipped.",
-                stacklevel=3,
-            )
-
-        def t(x: np.ndarray, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-            return torch.as_tensor(np.asarray(x), dtype=dtype, device=self.device)
-
-        return _Data(
-            obs=t((ds.observations - mean) / std),
-            actions=t(np.clip(actions, -1.0, 1.0)),
-            rewards=t(ds.rewards),
-            next_obs=t((ds.next_observations - mean) / std),
-            terminals=t(ds.terminals),
-            episode_starts=t(ds.episode_starts, torch.bool),
-            obs_mean=mean,
-            obs_std=std,
-            action_low=low.astype(np.float32),
-            action_high=high.astype(np.float32),
-        )
-
     def _fingerprint(self, exclude: tuple[str, ...] = ()) -> str:
         """Hash of the config (without the ``exclude`` fields) and the data."""
         h = hashlib.sha256()
