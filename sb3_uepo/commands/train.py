@@ -27,7 +27,7 @@ from sb3_uepo.uepo.defaults import DEFAULT_N_ENVS, fine_tuning_defaults
 # Online env steps of `uepo train` when --online-steps is not given, by budget preset. `quick` is the main job: with
 # the quick offline pretraining it must finish in < 15 min on a 2-core CPU (measured: docs/benchmarks.md, "Main job").
 DEFAULT_ONLINE_STEPS = {"quick": 30_000, "default": 200_000, "paper": 1_000_000}
-PRESET_HELP = "quick, default, paper, uni_o4, or a budget+variant such as quick+uni_o4"
+PRESET_HELP = "quick, default, paper, uni_o4, bc, or a budget+variant such as quick+uni_o4 or quick+bc"
 FALLBACK_ENV = "Hopper-v5"
 NO_DATASET = ("none", "None", "")
 THREADS_HELP = (
@@ -50,16 +50,18 @@ def default_policy(preset: str | None) -> str:
 
 
 TRAIN_DESCRIPTION = """\
-Train UEPO: offline pretraining on a dataset (behaviour diffusion, IQL critics, multi-seed sub-policies, model-based
-offline policy evaluation to choose one), then online PPO fine-tuning over the denoising chain.
+Train UEPO: offline pretraining on a dataset (a behaviour diffusion model acting deterministically from the prior's
+mode, IQL critics; with --offline offline_improvement=True also the members' offline PPO, model-based OPE and the
+offline choice), then online PPO fine-tuning over the denoising chain (or, with --online steer, SAC steering the frozen
+policy's initial noise).
 
 With no arguments this is the project's main job: the embedded Hopper-v5 medium dataset, the `quick` preset, offline
-pretraining then a short online phase (under 15 minutes on a 2-core CPU). It prints the normalised score (0 = random,
-100 = D4RL expert) of the offline-chosen policy and of the fine-tuned policy, and writes OUT.zip (the model,
-loadable with UEPO.load) and OUT.json (the offline report, the evaluations and the wall times).
+pretraining then a short online phase (under 10 minutes on a 2-core CPU). It prints the normalised score (0 = random,
+100 = D4RL expert) of the offline policy and of the fine-tuned policy, deterministic and stochastic, and writes OUT.zip
+(the model, loadable with UEPO.load) and OUT.json (the offline report, the evaluations and the wall times). The
+finished offline stages are kept in OUT_offline/: the same command resumes after an interruption.
 
-The offline phase never queries the environment: the policy handed to online learning is chosen by offline policy
-evaluation in a learned model. The real-environment score printed after it is for reporting only.
+The offline phase never queries the environment. The real-environment scores printed after it are for reporting only.
 """
 
 TRAIN_EPILOG = """\
