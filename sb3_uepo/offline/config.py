@@ -248,8 +248,8 @@ PRESETS: dict[str, dict[str, Any]] = {
     # Real but small: the whole offline phase on ~80k Hopper transitions in a few minutes on 2 CPU cores.
     # Measured on the embedded Hopper data (80k transitions): see docs/benchmarks.md, "Main job".
     "quick": dict(
-        # 3k steps left the behaviour model unconverged: on a HalfCheetah-v5 medium dataset (data 16.6) it scored 1.0
-        # at 3k and 1.2 at 10k steps, 17.1 at 30k (docs/algorithm.md, "Budgets")
+        # 3k steps left the behaviour model unconverged: with 30k it reaches its data's level on HalfCheetah-v5 medium
+        # (benchmarks/offline_suite.py, docs/benchmarks.md); the behaviour model is UEPO's default offline result
         behavior_steps=30_000,
         iql_steps=3_000,
         # the Gaussian members (Uni-O4 preset) at a budget this small learn with a plain-BC learning rate
