@@ -123,9 +123,9 @@ class OfflineConfig:
     ope_bootstrap: bool = False  # add ope_discount^H V(s_H) for rollouts alive at H (V: the IQL value)
     ope_uncertainty_penalty: float = 1.0  # lambda: every model reward minus lambda * elite disagreement (MOPO)
     ope_deterministic_policy: bool = True  # members act deterministically (DDIM from their seed noise / Gaussian mean)
-    # The member handed on: "mean_q" chooses by the IQL critic's mean min-Q of each member's best-by-OPE policy over
-    # uniformly drawn dataset states (measured: the model-return OPE chose the worst member on 2 of 3 datasets where
-    # mean Q chose the best or second best, docs/algorithm.md); "ope" by the gate's OPE score itself.
+    # The member handed on (with offline_improvement): "mean_q" chooses by the IQL critic's mean min-Q of each member's
+    # best-by-OPE policy over uniformly drawn dataset states; "ope" by the gate's OPE score itself. Neither found the
+    # members that offline PPO harmed (docs/algorithm.md, stage 4).
     choice_score: str = "mean_q"
     choice_n_states: int = 2048  # dataset states of the mean-Q choice (one fixed draw)
 
