@@ -72,7 +72,7 @@ class OfflineConfig:
     # ------------------------------------------------------------------ stage 3: members
     # Where a member's chains start. "zero": x_0 = 0, the mode of the prior, for every member (the deterministic action is
     # the DDIM path from the prior's mode; stochastic chains explore through the step noise only); "seed": a fixed draw
-    # z_i ~ N(0, I) per member (its quality is a lottery: 10.7 to 73.2 on Hopper for the same weights, see
+    # z_i ~ N(0, I) per member (its quality is a lottery: 9.5 to 64.0 on Hopper for the same weights, see
     # docs/algorithm.md); "random": a fresh N(0, I) draw per chain.
     member_noise: str = "zero"
     gaussian_hidden_sizes: tuple[int, ...] = (256, 256, 256)  # Gaussian members (Uni-O4: 3 x 256)
