@@ -225,3 +225,23 @@ def test_bench_keeps_the_offline_stages_of_an_interrupted_run(tmp_path, tiny_off
     assert main(args) == 0
     progress = list((tmp_path / "bench_bc" / "offline").glob("*/progress.json"))
     assert len(progress) == 1 and "offline_ppo" in json.loads(progress[0].read_text())["completed"]
+
+
+def test_bench_uepo_steer_shares_uepo_offline_phase_and_steers_online(tmp_path, pendulum_npz, tiny_offline_kwargs):
+    """uepo_steer: the same offline phase as uepo (one checkpoint directory), then SAC in the noise space."""
+    offline = [f"{k}={v!r}" for k, v in tiny_offline_kwargs.items()]
+    offline += ["denoiser_hidden_sizes=(16, 16)", "value_net_arch=(16, 16)", "n_diffusion_steps=6", "n_sampling_steps=3"]
+    args = ["bench", "--tasks", f"Pendulum-v1:{pendulum_npz}", "--algos", "uepo", "uepo_steer", "--seeds", "0"]
+    args += ["--online-steps", "64", "--eval-freq", "32", "--eval-episodes", "1", "--final-episodes", "1"]
+    args += ["--out", "bench_steer", "--workers", "1", "--no-plots", "--offline", *offline, "--algo-kwargs"]
+    args += ["uepo.n_steps=32", "uepo.batch_size=32", "uepo.n_epochs=1", "uepo_steer.noise_bound=1.5"]
+    args += ["uepo_steer.learning_starts=16", "uepo_steer.batch_size=16", "uepo_steer.buffer_size=1000"]
+    assert main(args) == 0
+    out = tmp_path / "bench_steer"
+    assert len(list((out / "offline").iterdir())) == 1  # one offline phase for both algorithms
+    runs = {p.name.split("__")[1]: json.loads(p.read_text()) for p in (out / "runs").glob("*.json")}
+    assert set(runs) == {"uepo", "uepo_steer"}
+    steer_run, uepo_run = runs["uepo_steer"], runs["uepo"]
+    assert steer_run["offline"]["mean_return"] == pytest.approx(uepo_run["offline"]["mean_return"])  # same policy
+    assert steer_run["online_env_steps"] == 64 and steer_run["curve"]["timesteps"] == [0, 32, 64]
+    assert "UEPO + noise steering (SAC)" in (out / "results.md").read_text()

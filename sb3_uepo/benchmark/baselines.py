@@ -16,6 +16,9 @@ sac        SB3 SAC from scratch, rl-zoo3's MuJoCo settings (SB3 defaults, ``lear
            at 10% of the online budget)
 ppo_bc     the common user workaround: PPO whose Gaussian actor is first fit to the dataset by behaviour    yes
            cloning (maximum likelihood), with observations normalised by the dataset's statistics (frozen)
+uepo_steer UEPO's offline phase (the same one as ``uepo``), then noise-space steering online: SB3's SAC      yes
+           learns the initial noise of the FROZEN diffusion policy (``UEPO.steer``; SAC defaults,
+           ``learning_starts`` as ``sac``; ``algo_kwargs`` go to SAC, ``noise_bound`` among them)
 =========  ===========================================================================================  ===========
 
 UEPO and Uni-O4 fine-tune online with the same settings as ``uepo train``
@@ -69,6 +72,8 @@ class Algorithm:
     :param offline: whether it has an offline phase whose policy is scored before online learning
     :param build: ``build(run, dataset) -> model``; ``run`` is a :class:`~sb3_uepo.benchmark.runner.RunSpec`
     :param pretrain: ``pretrain(model, run, dataset) -> report`` for algorithms with an offline phase
+    :param online: ``online(model, run) -> model`` the model that learns online, when it is not the pretrained one
+        (``uepo_steer``: a :class:`~sb3_uepo.uepo.steering.SteeredModel` around the pretrained policy)
     """
 
     name: str
@@ -77,6 +82,7 @@ class Algorithm:
     offline: bool
     build: Callable[..., BaseAlgorithm]
     pretrain: Callable[..., dict[str, Any]] | None = None
+    online: Callable[..., Any] | None = None
 
 
 def make_train_env(env_id: str, n_envs: int, seed: int, vec_normalize: dict[str, Any] | None = None) -> VecEnv:
@@ -211,6 +217,30 @@ def build_uepo(run: Any, dataset: OfflineDataset | None) -> BaseAlgorithm:
     return _build_uepo(run, dataset, "DiffusionPolicy", run.preset)
 
 
+# Half-width of the noise space of uepo_steer (UEPO.steer's default; DSRL uses about 1.5-2.5).
+STEER_NOISE_BOUND = 2.0
+
+
+def build_uepo_steer(run: Any, dataset: OfflineDataset | None) -> BaseAlgorithm:
+    """The ``uepo`` model (same offline phase); its ``algo_kwargs`` belong to the steering agent, not to UEPO."""
+    import dataclasses
+
+    return _build_uepo(dataclasses.replace(run, algo_kwargs={}), dataset, "DiffusionPolicy", run.preset)
+
+
+def steer_online(model: BaseAlgorithm, run: Any) -> Any:
+    """SB3's SAC in the noise space of the pretrained (frozen) diffusion policy, one env, rl-zoo3's SAC settings."""
+    kwargs = dict(run.algo_kwargs)
+    noise_bound = float(kwargs.pop("noise_bound", STEER_NOISE_BOUND))
+    kwargs = {
+        "learning_starts": min(SAC_LEARNING_STARTS, max(run.online_steps // 10, 1)),
+        "verbose": 0,
+        "device": "cpu",
+        **kwargs,
+    }
+    return model.steer(noise_bound=noise_bound, n_envs=1, **kwargs)  # type: ignore[attr-defined]
+
+
 def build_uni_o4(run: Any, dataset: OfflineDataset | None) -> BaseAlgorithm:
     """The ``uni_o4`` variant on the run's budget preset (``quick`` -> ``quick+uni_o4``): same code, same budgets."""
     return _build_uepo(run, dataset, "MlpPolicy", uni_o4_preset(run.preset))
@@ -261,5 +291,14 @@ ALGORITHMS: dict[str, Algorithm] = {
         Algorithm("ppo", "PPO (scratch)", needs_dataset=False, offline=False, build=build_ppo),
         Algorithm("sac", "SAC (scratch)", needs_dataset=False, offline=False, build=build_sac),
         Algorithm("ppo_bc", "PPO + BC init", needs_dataset=True, offline=True, build=build_ppo_bc, pretrain=pretrain_ppo_bc),
+        Algorithm(
+            "uepo_steer",
+            "UEPO + noise steering (SAC)",
+            needs_dataset=True,
+            offline=True,
+            build=build_uepo_steer,
+            pretrain=pretrain_uepo,
+            online=steer_online,
+        ),
     )
 }

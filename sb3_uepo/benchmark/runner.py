@@ -146,8 +146,7 @@ def execute_run(spec: RunSpec, out_dir: str | os.PathLike) -> dict[str, Any]:
     model = algorithm.build(spec, dataset)
     if algorithm.offline and getattr(model, "pretrain_dir", "") is None:
         # finished offline stages survive an interrupted bench: the rerun resumes them (one directory per settings)
-        settings = hashlib.sha256(json.dumps(spec.to_dict(), sort_keys=True, default=str).encode()).hexdigest()[:10]
-        model.pretrain_dir = str(Path(out_dir) / "offline" / f"{spec.run_id}__{settings}")
+        model.pretrain_dir = str(offline_dir(out_dir, spec))
 
     offline_report: dict[str, Any] | None = None
     offline_eval = None
@@ -155,15 +154,17 @@ def execute_run(spec: RunSpec, out_dir: str | os.PathLike) -> dict[str, Any]:
     if algorithm.offline:
         assert algorithm.pretrain is not None and dataset is not None
         offline_start = time.perf_counter()
-        offline_report = algorithm.pretrain(model, spec, dataset)
+        offline_report = _pretrain(algorithm, model, spec, dataset, out_dir)
         offline_s = time.perf_counter() - offline_start
         offline_eval = evaluate(model, spec.env_id, spec.final_episodes, True, seed=eval_seed, dataset=dataset)
         print(f"[{spec.run_id}] after offline: {offline_eval.summary()}", flush=True)
+    if algorithm.online is not None:
+        model = algorithm.online(model, spec)
 
     curve = LearningCurve(spec.env_id, spec.eval_freq, spec.eval_episodes, eval_seed, dataset)
     curve.record(model, 0)
     online_start = time.perf_counter()
-    model.learn(spec.online_steps, callback=curve.callback())
+    model.learn(spec.online_steps, callback=curve.callback(model))
     online_s = time.perf_counter() - online_start
     if curve.timesteps and curve.timesteps[-1] == model.num_timesteps:
         curve.pop()  # that point was taken during the last rollout, before the last update
@@ -195,6 +196,36 @@ def execute_run(spec: RunSpec, out_dir: str | os.PathLike) -> dict[str, Any]:
     failed = result_path(out_dir, spec).with_suffix(".failed.json")
     failed.unlink(missing_ok=True)
     return result
+
+
+# Algorithms with the same offline phase (same model, same preset and offline settings): they share its checkpoints.
+SHARED_OFFLINE_PHASE = {"uepo_steer": "uepo"}
+
+
+def offline_dir(out_dir: str | os.PathLike, spec: RunSpec) -> Path:
+    """Where a run's offline stages are checkpointed: one directory per task, seed and offline settings. ``uepo`` and
+    ``uepo_steer`` share theirs (the online phase differs, the offline one does not)."""
+    algo = SHARED_OFFLINE_PHASE.get(spec.algo, spec.algo)
+    if algo == "uepo":
+        keys = ("env_id", "dataset", "seed", "preset", "offline_kwargs")
+        settings_data: dict[str, Any] = {"algo": algo, **{key: spec.to_dict()[key] for key in keys}}
+    else:
+        settings_data = spec.to_dict()
+    settings = hashlib.sha256(json.dumps(settings_data, sort_keys=True, default=str).encode()).hexdigest()[:10]
+    run_id = dataclasses.replace(spec, algo=algo).run_id
+    return Path(out_dir) / "offline" / f"{run_id}__{settings}"
+
+
+def _pretrain(algorithm: Any, model: Any, spec: RunSpec, dataset: Any, out_dir: str | os.PathLike) -> dict[str, Any]:
+    """The algorithm's offline phase; when another run holds the shared checkpoint directory, in a private one."""
+    from sb3_uepo.common.io import LockedError
+
+    try:
+        return algorithm.pretrain(model, spec, dataset)
+    except LockedError:
+        model.pretrain_dir = str(Path(out_dir) / "offline" / f"{spec.run_id}__private")
+        print(f"[{spec.run_id}] the shared offline checkpoints are in use: pretraining in {model.pretrain_dir}", flush=True)
+        return algorithm.pretrain(model, spec, dataset)
 
 
 class LearningCurve:
@@ -232,7 +263,12 @@ class LearningCurve:
         for values in (self.timesteps, self.returns, self.normalized):
             values.pop()
 
-    def callback(self) -> Any:
+    def callback(self, model: Any = None) -> Any:
+        """An SB3 callback recording a point every ``eval_freq`` steps.
+
+        :param model: the model to evaluate (default: the algorithm the callback is attached to; a
+            :class:`~sb3_uepo.uepo.steering.SteeredModel` passes itself, since its agent acts in the noise space)
+        """
         from stable_baselines3.common.callbacks import BaseCallback
 
         curve = self
@@ -244,7 +280,7 @@ class LearningCurve:
 
             def _on_step(self) -> bool:
                 if self.num_timesteps >= self.next_eval:
-                    curve.record(self.model, self.num_timesteps)
+                    curve.record(model if model is not None else self.model, self.num_timesteps)
                     while self.next_eval <= self.num_timesteps:
                         self.next_eval += curve.eval_freq
                 return True

@@ -13,14 +13,14 @@ from typing import Any
 
 from sb3_uepo.commands.train import literal, parse_assignments
 
-ALGO_CHOICES = ("uepo", "uni_o4", "bc", "ppo", "sac", "ppo_bc")
+ALGO_CHOICES = ("uepo", "uni_o4", "bc", "ppo", "sac", "ppo_bc", "uepo_steer")
 DEFAULT_ONLINE_STEPS = 100_000
 # Algorithms whose results depend on the UEPO preset / offline settings / BC budget (the others ignore them, so
 # changing those options does not invalidate their finished runs).
-USES_PRESET = ("uepo", "uni_o4", "bc")
-USES_OFFLINE_KWARGS = ("uepo", "uni_o4", "bc")
+USES_PRESET = ("uepo", "uni_o4", "bc", "uepo_steer")
+USES_OFFLINE_KWARGS = ("uepo", "uni_o4", "bc", "uepo_steer")
 # Training environments per algorithm when --n-envs is not given (rl-zoo3's MuJoCo settings use one for PPO/SAC).
-DEFAULT_N_ENVS = {"uepo": 8, "uni_o4": 8, "bc": 8, "ppo": 1, "sac": 1, "ppo_bc": 1}
+DEFAULT_N_ENVS = {"uepo": 8, "uni_o4": 8, "bc": 8, "ppo": 1, "sac": 1, "ppo_bc": 1, "uepo_steer": 1}
 
 DESCRIPTION = """\
 Benchmark UEPO against the Uni-O4 preset and SB3 baselines under the same online env-step budget.
@@ -32,6 +32,8 @@ Algorithms (--algos):
   ppo      SB3 PPO from scratch (rl-zoo3 MuJoCo settings: SB3 defaults + VecNormalize)
   sac      SB3 SAC from scratch (rl-zoo3 MuJoCo settings: learning_starts 10k, capped at 10% of the budget)
   ppo_bc   PPO whose Gaussian actor is behaviour-cloned on the dataset first (dataset observation statistics)
+  uepo_steer  uepo's offline phase, then SB3's SAC steers the frozen diffusion policy through its initial noise
+              (shares the offline phase with uepo when both run on the same task and seed)
 
 Every (task, algorithm, seed) runs in its own process, --workers at a time. Results go to OUT/runs/<run>.json as each
 run ends; a rerun skips finished runs (same settings), so an interrupted benchmark resumes where it stopped.

@@ -114,6 +114,10 @@ class SteeredModel:
     def num_timesteps(self) -> int:
         return int(self.agent.num_timesteps)
 
+    def get_env(self) -> Any:
+        """The agent's (noise-space) training environment."""
+        return self.agent.get_env()
+
     def learn(self, total_timesteps: int, **kwargs: Any) -> SteeredModel:
         """The agent's ``learn`` in the noise space (the diffusion policy stays frozen)."""
         self.agent.learn(total_timesteps, **kwargs)
