@@ -7,6 +7,7 @@ the time split between rollout collection and the update, the UEPO / PPO ratio, 
 and 64 (deterministic).
 
     nice -n 10 python benchmarks/throughput.py            # numbers in docs/benchmarks.md, "Online throughput"
+    nice -n 10 python benchmarks/throughput.py --settings fine-tuning --ft-denoising-steps 2
     python benchmarks/throughput.py --rounds 3 --quick    # a smoke run
 """
 
@@ -27,6 +28,7 @@ from stable_baselines3.common.env_util import make_vec_env
 
 import sb3_uepo  # noqa: F401  (installs the MuJoCo log hook)
 from sb3_uepo.uepo import UEPO
+from sb3_uepo.uepo.defaults import FINE_TUNING_DEFAULTS
 
 
 def _timed(model: Any, name: str, totals: dict[str, float]) -> None:
@@ -50,7 +52,11 @@ def build(algo: str, args: argparse.Namespace) -> Any:
         policy_kwargs = dict(n_sampling_steps=args.denoising_steps, sampler="ddim")  # as fine-tuning runs
         if args.ft_denoising_steps is not None:
             policy_kwargs["ft_denoising_steps"] = args.ft_denoising_steps
-        return UEPO("DiffusionPolicy", env, policy_kwargs=policy_kwargs, **common)
+        kl = {"kl_ref_coef": FINE_TUNING_DEFAULTS["kl_ref_coef"]} if args.settings == "fine-tuning" else {}
+        model = UEPO("DiffusionPolicy", env, policy_kwargs=policy_kwargs, **kl, **common)
+        if args.settings == "fine-tuning":
+            model.set_reference_policy()  # as after pretraining: the KL reference is evaluated in every update
+        return model
     return PPO("MlpPolicy", env, **common)
 
 
@@ -107,12 +113,21 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument(
         "--ft-denoising-steps", type=int, default=None, help="fine-tune only the last K denoising steps (default: all)"
     )
+    parser.add_argument(
+        "--settings",
+        choices=("ppo", "fine-tuning"),
+        default="ppo",
+        help="ppo: SB3 PPO's batch 64 x 10 epochs; fine-tuning: UEPO's fine-tuning batch and epochs (512 x 5) for both, "
+        "and UEPO keeps its KL reference (default: ppo)",
+    )
     parser.add_argument("--rounds", type=int, default=6, help="measured rounds per algorithm (after one warm-up round)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (same for both)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--quick", action="store_true", help="small rollouts and few latency repeats (smoke run)")
     parser.add_argument("--json", default=None, help="also write the results to this JSON file")
     args = parser.parse_args(argv)
+    if args.settings == "fine-tuning":
+        args.batch_size, args.n_epochs = FINE_TUNING_DEFAULTS["batch_size"], FINE_TUNING_DEFAULTS["n_epochs"]
     if args.quick:
         args.n_steps, args.n_epochs = 64, 2
     th.set_num_threads(args.threads)

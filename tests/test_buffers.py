@@ -141,13 +141,33 @@ def test_gae_and_samples_equal_sb3_rollout_buffer():
 
 
 def test_samples_are_the_named_tuple():
-    assert DiffusionRolloutBufferSamples._fields == (*RolloutBufferSamples._fields, "chains", "old_step_log_prob")
+    assert DiffusionRolloutBufferSamples._fields == (
+        *RolloutBufferSamples._fields,
+        "chains",
+        "old_step_log_prob",
+        "reference_means",
+    )
     buffer = fill(make_buffer())
     sample = next(buffer.get(batch_size=4))
-    assert isinstance(sample, DiffusionRolloutBufferSamples)
+    assert isinstance(sample, DiffusionRolloutBufferSamples) and sample.reference_means is None
     for name, value in sample._asdict().items():
-        assert isinstance(value, th.Tensor) and value.dtype == th.float32, name
-        assert value.device == th.device("cpu"), name
+        if name != "reference_means":
+            assert isinstance(value, th.Tensor) and value.dtype == th.float32, name
+            assert value.device == th.device("cpu"), name
+
+
+def test_reference_means_are_computed_once_and_follow_their_rows():
+    """set_reference_means stores a frozen reference's means per row; minibatches carry the rows' own means."""
+    buffer = fill(make_buffer())
+
+    def fake_means(obs, chains):  # any function of the row, so that rows can be matched
+        return chains[:, 1:] + obs[:, :1].unsqueeze(-1)
+
+    buffer.set_reference_means(fake_means, chunk=5)
+    for sample in buffer.get(batch_size=4):
+        assert th.allclose(sample.reference_means, fake_means(sample.observations, sample.chains))
+    buffer.reset()
+    assert buffer.reference_means is None
 
 
 def test_reset():
@@ -165,7 +185,7 @@ def test_reset():
     again = next(buffer.get(batch_size=BUFFER_SIZE * N_ENVS))
     np.random.seed(0)
     fresh = next(fill(make_buffer()).get(batch_size=BUFFER_SIZE * N_ENVS))
-    for name in DiffusionRolloutBufferSamples._fields:
+    for name in DiffusionRolloutBufferSamples._fields[:-1]:  # reference_means: None in both
         assert th.equal(getattr(again, name), getattr(fresh, name)), name
 
 
@@ -254,4 +274,4 @@ def test_device_buffer(device):
     buffer = fill(make_buffer(device=device))
     for sample in buffer.get(batch_size=6):
         for name, value in sample._asdict().items():
-            assert value.device.type == device, name
+            assert value is None or value.device.type == device, name

@@ -177,3 +177,82 @@ def test_deterministic_sampling_is_reproducible():
         e = chain_sampler.sample_chain(denoiser, cond, generator=torch.Generator().manual_seed(4))
     assert torch.equal(a, b) and torch.equal(c, d) and not torch.equal(c, e)
     assert torch.equal(a[:, 0], x_init.expand(10, 2))
+
+
+@pytest.mark.parametrize("sampler", ["ddim", "ddpm"])
+def test_lean_chain_path_gives_the_chains_of_the_plain_forward(sampler):
+    """The chain loop uses Denoiser.prepare/step_eps (per-chain terms computed once); the same seeds through the plain
+    forward give the same chains and log-probabilities up to float rounding, with and without frozen early steps."""
+    from gymnasium import spaces
+
+    from sb3_uepo.common.policies import DiffusionPolicy
+
+    torch.manual_seed(0)
+    denoiser = Denoiser(action_dim=3, cond_dim=5, hidden_sizes=(32, 32))
+    chain_sampler = ChainSampler(NoiseSchedule(20), 5, sampler, min_std=0.1)
+    cond = torch.randn(7, 5)
+    plain = lambda x, k, c: denoiser(x, k, c)  # noqa: E731  (no prepare(): the step-by-step forward)
+    plain.action_dim = 3  # type: ignore[attr-defined]
+    for deterministic in (True, False):
+        lean = chain_sampler.sample_chain_with_log_prob(
+            denoiser, cond, deterministic=deterministic, generator=torch.Generator().manual_seed(1)
+        )
+        reference = chain_sampler.sample_chain_with_log_prob(
+            plain, cond, deterministic=deterministic, generator=torch.Generator().manual_seed(1)
+        )
+        assert torch.allclose(lean[0], reference[0], atol=1e-5) and torch.allclose(lean[1], reference[1], atol=1e-4)
+    # the frozen/fine-tuned split of ft_denoising_steps: the same chain, and gradient reaches only the last K steps
+    obs_space, act_space = spaces.Box(-10, 10, (5,)), spaces.Box(-1, 1, (3,))
+    policy = DiffusionPolicy(obs_space, act_space, lambda _: 1e-3, net_arch=[32, 32], sampler=sampler, ft_denoising_steps=2)
+    split = policy.acting_eps_fn()
+    torch.manual_seed(2)
+    lean_chain = policy.sampler.sample_chain(split, cond, generator=torch.Generator().manual_seed(3))
+    plain_split = lambda x, k, c: split(x, k, c)  # noqa: E731
+    plain_split.action_dim = 3  # type: ignore[attr-defined]
+    plain_chain = policy.sampler.sample_chain(plain_split, cond, generator=torch.Generator().manual_seed(3))
+    assert torch.allclose(lean_chain, plain_chain, atol=1e-5)
+    lean_chain[:, -1].sum().backward()
+    assert all(p.grad is None for p in policy.frozen_denoiser.parameters())
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in policy.denoiser.parameters())
+
+
+def test_traced_deterministic_predict_gives_the_eager_action_and_follows_the_weights():
+    """predict(deterministic=True) runs a TorchScript trace of the chain: the same action as the eager chain at every
+    batch size, after in-place weight changes and reloads, and the trace is never copied with the policy."""
+    import copy
+    import pickle
+
+    from gymnasium import spaces
+
+    from sb3_uepo.common.policies import DiffusionPolicy
+
+    torch.manual_seed(0)
+    obs_space, act_space = spaces.Box(-10, 10, (4,)), spaces.Box(-2, 2, (2,))
+    policy = DiffusionPolicy(obs_space, act_space, lambda _: 1e-3, net_arch=[16, 16], sampler="ddim", ft_denoising_steps=2)
+    policy.set_training_mode(False)
+    with torch.no_grad():  # eps = bias: unsaturated actions, so that a weight change shows in the action
+        policy.denoiser.net[-1].weight.zero_()
+        policy.load_denoiser_state(policy.denoiser.state_dict())
+
+    def eager(obs):
+        with torch.no_grad():
+            return policy._deterministic_or_sampled_action(torch.as_tensor(obs), True).numpy()
+
+    for batch in (1, 3):
+        obs = torch.randn(batch, 4).numpy()
+        action, _ = policy.predict(obs, deterministic=True)
+        assert action.shape == (batch, 2)
+        assert torch.allclose(torch.as_tensor(action), torch.as_tensor(policy.unscale_action(eager(obs))), atol=1e-5)
+    assert {1, 3} <= set(policy.__dict__["_traces"])  # one trace per batch size
+    obs = torch.randn(1, 4).numpy()
+    before, _ = policy.predict(obs, deterministic=True)
+    with torch.no_grad():  # an optimizer step changes the weights in place: the trace follows
+        policy.denoiser.net[-1].bias.add_(0.2)
+    after, _ = policy.predict(obs, deterministic=True)
+    assert not torch.allclose(torch.as_tensor(before), torch.as_tensor(after))
+    assert torch.allclose(torch.as_tensor(after), torch.as_tensor(policy.unscale_action(eager(obs))), atol=1e-5)
+    copied = copy.deepcopy(policy)
+    assert "_traces" not in copied.__dict__ and "_traces" not in pickle.loads(pickle.dumps(policy)).__dict__
+    assert torch.allclose(torch.as_tensor(copied.predict(obs, deterministic=True)[0]), torch.as_tensor(after), atol=1e-5)
+    policy.use_traced_predict = False  # the switch: eager chain
+    assert torch.allclose(torch.as_tensor(policy.predict(obs, deterministic=True)[0]), torch.as_tensor(after), atol=1e-5)

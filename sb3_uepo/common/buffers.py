@@ -9,7 +9,7 @@ Shape symbols: ``T`` buffer size (steps per env), ``N`` envs, ``S`` denoising st
 
 from __future__ import annotations
 
-from collections.abc import Generator
+from collections.abc import Callable, Generator
 
 import numpy as np
 import torch as th
@@ -60,7 +60,30 @@ class DiffusionRolloutBuffer(RolloutBuffer):
         shape = (self.buffer_size, self.n_envs)
         self.chains = np.zeros((*shape, self.n_sampling_steps + 1, self.action_dim), dtype=np.float32)
         self.step_log_probs = np.zeros((*shape, self.n_sampling_steps), dtype=np.float32)
+        self.reference_means: np.ndarray | None = None
         super().reset()
+
+    def set_reference_means(self, compute: Callable[[th.Tensor, th.Tensor], th.Tensor], chunk: int = 4096) -> None:
+        """Store the step means of a FROZEN reference policy for every stored chain, computed once per rollout
+        instead of once per minibatch and epoch (they do not change during the update). Minibatches then carry them
+        as ``reference_means``.
+
+        :param compute: ``compute(observations (B, O), chains (B, S + 1, A)) -> (B, K, A)`` step means
+        :param chunk: rows per call
+        """
+        assert self.full, "the rollout buffer must be full before the reference means are computed"
+        rows = self.buffer_size * self.n_envs
+        flat = self.generator_ready  # get() flattens the arrays in place on its first call
+        observations = self.observations.reshape(rows, -1)
+        chains = self.chains.reshape(rows, self.n_sampling_steps + 1, self.action_dim)
+        parts = []
+        with th.no_grad():
+            for start in range(0, rows, chunk):
+                obs_t = self.to_torch(observations[start : start + chunk])
+                parts.append(compute(obs_t, self.to_torch(chains[start : start + chunk])).cpu().numpy())
+        means = np.concatenate(parts).astype(np.float32, copy=False)
+        # the (T, N) layout of the other arrays until get() flattens them (swap_and_flatten: env-major)
+        self.reference_means = means if flat else means.reshape(self.buffer_size, self.n_envs, *means.shape[1:])
 
     def add(  # type: ignore[override]
         self,
@@ -88,6 +111,8 @@ class DiffusionRolloutBuffer(RolloutBuffer):
         indices = np.random.permutation(self.buffer_size * self.n_envs)
         if not self.generator_ready:
             names = ("observations", "actions", "values", "log_probs", "advantages", "returns", "chains", "step_log_probs")
+            if self.reference_means is not None:
+                names = (*names, "reference_means")
             for name in names:
                 self.__dict__[name] = self.swap_and_flatten(self.__dict__[name])
             self.generator_ready = True
@@ -112,6 +137,8 @@ class DiffusionRolloutBuffer(RolloutBuffer):
             self.chains[batch_inds],
             self.step_log_probs[batch_inds],
         )
+        if self.reference_means is not None:
+            data = (*data, self.reference_means[batch_inds])
         return DiffusionRolloutBufferSamples(*map(self.to_torch, data))
 
 

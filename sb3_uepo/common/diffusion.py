@@ -154,6 +154,33 @@ class Denoiser(nn.Module):
             k = k.expand(x.shape[0])
         return self.net(torch.cat([x, self.time_embed(k), cond], dim=-1))
 
+    # ------------------------------------------------------------------------------------------ lean chain path
+    def prepare(self, cond: torch.Tensor, timesteps: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """What a denoising chain can compute once: the first layer's contribution of the observation and of each
+        step's embedding, ``W_t emb(k_j) + W_c s + b``, so that each step only adds ``W_x x_j``.
+
+        :param cond: (B, C) conditioning
+        :param timesteps: (S,) the chain's step indices
+        :return: per step, ``(W_x, (B, H) bias)`` for :meth:`step_eps`
+        """
+        first = self.net[0]
+        assert isinstance(first, nn.Linear)
+        a, e = self.action_dim, self.time_embed[0].dim  # type: ignore[union-attr]
+        w_x, w_t, w_c = first.weight[:, :a], first.weight[:, a : a + e], first.weight[:, a + e :]
+        base = F.linear(cond, w_c, first.bias)  # (B, H)
+        step_terms = F.linear(self.time_embed(timesteps), w_t)  # (S, H)
+        w_x_t = w_x.t()
+        return [(w_x_t, base + step_terms[j]) for j in range(timesteps.shape[0])]
+
+    def step_eps(self, x: torch.Tensor, prepared: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        """``eps_theta(x, k_j, s)`` from :meth:`prepare`'s entry of step ``j``, calling the layers' ``forward`` directly
+        (no module dispatch per layer); equal to :meth:`forward` up to float rounding."""
+        w_x_t, bias = prepared
+        hidden = torch.addmm(bias, x, w_x_t)
+        for layer in list(self.net)[1:]:
+            hidden = layer.forward(hidden)
+        return hidden
+
 
 # ---------------------------------------------------------------------------------------------- sampler
 class ChainSampler(nn.Module):
@@ -213,6 +240,9 @@ class ChainSampler(nn.Module):
         # schedule, hence not saved in state dicts)
         self.register_buffer("step_alpha_bar", abar.clone(), persistent=False)
         self.register_buffer("step_alpha_bar_prev", abar_prev.clone(), persistent=False)
+        # the same per-step constants as Python floats, for the sampling loop (one step for the whole batch)
+        self._step_coefficients = [_step_coefficients(float(a), float(b)) for a, b in zip(abar, abar_prev, strict=True)]
+        self._step_std_values = [float(v) for v in self.step_std]
 
     # -------------------------------------------------------------------------------------- means
     def step_mean(self, x: torch.Tensor, step: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
@@ -227,6 +257,15 @@ class ChainSampler(nn.Module):
         coef_x0 = abar_prev.sqrt() * (1 - alpha) / (1 - abar)
         coef_xk = alpha.sqrt() * (1 - abar_prev) / (1 - abar)
         return coef_x0 * x0 + coef_xk * x
+
+    def _sampling_step_mean(self, x: torch.Tensor, j: int, eps: torch.Tensor) -> torch.Tensor:
+        """:meth:`step_mean` of ONE step ``j`` for the whole batch, with the step's constants as Python floats (fewer
+        tensor operations in the sampling loop; equal up to float rounding)."""
+        c = self._step_coefficients[j]
+        x0 = (torch.add(x, eps, alpha=-c["sqrt_one_minus_abar"]) * c["inv_sqrt_abar"]).clamp(-1.0, 1.0)
+        # both samplers' means are linear in (x0, x) once x0 is clipped: mean = a x0 + b x
+        a, b = (c["ddim_x0"], c["ddim_xk"]) if self.sampler == "ddim" else (c["coef_x0"], c["coef_xk"])
+        return torch.add(x0 * a, x, alpha=b)
 
     # -------------------------------------------------------------------------------------- sampling
     def sample_chain(
@@ -284,20 +323,27 @@ class ChainSampler(nn.Module):
             x = x_init.expand(batch, action_dim).to(cond.device)
         chain = [x]
         log_probs = []
+        # a denoiser that can precompute its per-chain terms (Denoiser.prepare) runs only W_x x per step
+        prepared = eps_fn.prepare(cond, self.timesteps) if hasattr(eps_fn, "prepare") else None
         for j in range(self.n_sampling_steps):
-            step = torch.full((batch,), j, device=cond.device, dtype=torch.long)
-            mean = self.step_mean(x, step, eps_fn(x, self.timesteps[step], cond))
+            if prepared is not None:
+                eps = eps_fn.step_eps(x, prepared[j])  # type: ignore[attr-defined]
+            else:
+                eps = eps_fn(x, self.timesteps[j].expand(batch), cond)
+            mean = self._sampling_step_mean(x, j, eps)
             z: torch.Tensor | None = None
             if deterministic:
                 x = mean
             else:
                 z = torch.randn(mean.shape, device=mean.device, generator=generator).clamp(-self.noise_clip, self.noise_clip)
-                x = mean + self.step_std[j] * z
+                x = mean + self._step_std_values[j] * z
             chain.append(x)
             if with_log_prob:  # log N(x; mean, sigma_j^2) with (x - mean) / sigma_j = z, summed over dims
-                log_norm = mean.shape[-1] * (self.step_std[j].log() + 0.5 * math.log(2 * math.pi))
-                quadratic = 0.0 if z is None else 0.5 * (z**2).sum(-1)
-                log_probs.append((-quadratic - log_norm).expand(batch))
+                log_norm = mean.shape[-1] * (math.log(self._step_std_values[j]) + 0.5 * math.log(2 * math.pi))
+                if z is None:
+                    log_probs.append(mean.new_full((batch,), -log_norm))
+                else:
+                    log_probs.append(-0.5 * (z**2).sum(-1) - log_norm)
         return torch.stack(chain, dim=1), torch.stack(log_probs, dim=1) if with_log_prob else None
 
     @staticmethod
@@ -345,3 +391,18 @@ class ChainSampler(nn.Module):
         std = self.step_std[-n_steps:].view(1, -1, 1)
         log_density = -0.5 * ((chain[:, -n_steps:] - means) / std) ** 2 - std.log() - 0.5 * math.log(2 * math.pi)
         return log_density.sum(-1)
+
+
+def _step_coefficients(abar: float, abar_prev: float) -> dict[str, float]:
+    """The constants of one sampling step's mean (:meth:`ChainSampler.step_mean`) from ``abar_k`` and ``abar_prev``."""
+    alpha = abar / abar_prev  # respaced single-step alpha
+    # DDIM: sqrt(abar_prev) x0 + sqrt(1 - abar_prev) (x - sqrt(abar) x0) / sqrt(1 - abar), collected per x0 and x
+    ddim_xk = math.sqrt(1 - abar_prev) / math.sqrt(1 - abar)
+    return {
+        "ddim_x0": math.sqrt(abar_prev) - ddim_xk * math.sqrt(abar),
+        "ddim_xk": ddim_xk,
+        "inv_sqrt_abar": 1.0 / math.sqrt(abar),
+        "sqrt_one_minus_abar": math.sqrt(1 - abar),
+        "coef_x0": math.sqrt(abar_prev) * (1 - alpha) / (1 - abar),
+        "coef_xk": math.sqrt(alpha) * (1 - abar_prev) / (1 - abar),
+    }

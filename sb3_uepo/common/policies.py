@@ -162,6 +162,8 @@ class DiffusionPolicy(BasePolicy):
         self.ft_denoising_steps = ft_denoising_steps
         self.value_lr_scale = value_lr_scale
         self.use_sde = use_sde
+        # predict(deterministic=True) through a TorchScript trace of the chain (same action, less Python overhead)
+        self.use_traced_predict = True
 
         self.obs_dim = int(observation_space.shape[0])
         self.action_dim = get_action_dim(action_space)
@@ -298,6 +300,13 @@ class DiffusionPolicy(BasePolicy):
             raise ValueError(f"the deterministic noise must have shape ({self.action_dim},), got {tuple(noise_t.shape)}")
         self.deterministic_noise.copy_(noise_t)
 
+    def set_training_mode(self, mode: bool) -> None:
+        """SB3's ``set_training_mode``, skipped when nothing would change: ``predict`` calls it every time, and walking
+        the denoiser, its frozen copy and the value network costs more than a small batch's whole chain."""
+        if self.training == mode and self.denoiser.training == mode and self.value_net.training == mode:
+            return
+        super().set_training_mode(mode)
+
     # ------------------------------------------------------------------------------------------ acting
     def normalize_observation(self, obs: PyTorchObs) -> th.Tensor:
         """``(s - mean) / std`` with the fixed statistics, as float32 (B, O)."""
@@ -353,7 +362,54 @@ class DiffusionPolicy(BasePolicy):
 
     def _predict(self, observation: PyTorchObs, deterministic: bool = False) -> th.Tensor:
         assert isinstance(observation, th.Tensor)
+        if deterministic and not th.is_grad_enabled():
+            traced = self._traced_actor(observation)
+            if traced is not None:
+                return traced(observation)
+        return self._deterministic_or_sampled_action(observation, deterministic)
+
+    def _deterministic_or_sampled_action(self, observation: th.Tensor, deterministic: bool) -> th.Tensor:
         return self.sample_chain(observation, deterministic=deterministic)[:, -1].clamp(-1.0, 1.0)
+
+    def _traced_actor(self, observation: th.Tensor) -> Any:
+        """A TorchScript trace of the deterministic action for this batch size (built on first use, checked against
+        the eager action, then reused): ``predict(deterministic=True)`` at small batch is bound by Python overhead, which
+        the trace removes. The trace shares this policy's tensors, so it follows in-place weight updates; it is rebuilt
+        when a tensor was replaced (``to()``, ``load_state_dict(assign=True)``) and never saved or copied. None when
+        tracing is off (``use_traced_predict = False``) or failed for this policy."""
+        if not self.use_traced_predict:
+            return None
+        tensors = tuple(t.data_ptr() for t in (*self.parameters(), *self.buffers()))
+        cache = self.__dict__.setdefault("_traces", {})
+        if cache.get("tensors") != tensors:
+            cache.clear()
+            cache["tensors"] = tensors
+        batch = int(observation.shape[0])
+        if batch not in cache:
+            if len(cache) > 8:  # a few batch sizes are used in practice (1, n_envs, eval envs)
+                return None
+            cache[batch] = self._trace_deterministic_actor(observation)
+        return cache[batch]
+
+    def _trace_deterministic_actor(self, observation: th.Tensor) -> Any:
+        import warnings
+
+        actor = _DeterministicActor(self)
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # constant Python branches of the chain (fixed steps) are intended
+                traced = th.jit.trace(actor, observation, check_trace=False)
+            if th.allclose(traced(observation), actor(observation), atol=1e-6, rtol=1e-5):
+                return traced
+        except Exception:  # any tracing failure: act eagerly
+            pass
+        self.use_traced_predict = False
+        return None
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(self.__dict__)
+        state.pop("_traces", None)  # traces hold references to this module's tensors: never pickled or deep-copied
+        return state
 
     def predict_values(self, obs: PyTorchObs) -> th.Tensor:
         """:param obs: (B, O) raw observations; :return: (B, 1) state values."""
@@ -401,6 +457,17 @@ class DiffusionPolicy(BasePolicy):
         return ((means - reference_means) ** 2 / (2 * var)).sum(dim=(1, 2))
 
 
+class _DeterministicActor(nn.Module):
+    """``obs -> deterministic action`` of a DiffusionPolicy, as one module for ``torch.jit.trace``."""
+
+    def __init__(self, policy: DiffusionPolicy) -> None:
+        super().__init__()
+        self.policy = policy
+
+    def forward(self, observation: th.Tensor) -> th.Tensor:
+        return self.policy._deterministic_or_sampled_action(observation, True)
+
+
 class _SplitDenoiser:
     """``eps_fn`` of a chain whose steps above ``split_timestep`` use ``frozen`` and the others ``fine_tuned``; every call
     of the chain sampler holds one step for the whole batch."""
@@ -414,6 +481,24 @@ class _SplitDenoiser:
             with th.no_grad():
                 return self.frozen(x, k, cond)
         return self.fine_tuned(x, k, cond)
+
+    def prepare(self, cond: th.Tensor, timesteps: th.Tensor) -> list[tuple[Any, th.Tensor]]:
+        """:meth:`Denoiser.prepare` of the network acting at each step (the frozen steps' without gradient)."""
+        frozen_steps = timesteps > self.split_timestep
+        with th.no_grad():
+            frozen = self.frozen.prepare(cond, timesteps) if bool(frozen_steps.any()) else []
+        tuned = self.fine_tuned.prepare(cond, timesteps) if not bool(frozen_steps.all()) else []
+        return [
+            (self.frozen, frozen[j]) if bool(frozen_steps[j]) else (self.fine_tuned, tuned[j])
+            for j in range(timesteps.shape[0])
+        ]
+
+    def step_eps(self, x: th.Tensor, prepared: tuple[Any, th.Tensor]) -> th.Tensor:
+        network, tensor = prepared
+        if network is self.frozen:
+            with th.no_grad():
+                return network.step_eps(x, tensor)
+        return network.step_eps(x, tensor)
 
 
 def _split_net_arch(

@@ -23,6 +23,7 @@ class DiffusionRolloutBufferSamples(NamedTuple):
     returns: th.Tensor  # (B,)
     chains: th.Tensor  # (B, S + 1, A) the sampled chain, unclipped
     old_step_log_prob: th.Tensor  # (B, S) log N(x_{j+1}; mu_old_j, sigma_j^2), summed over action dims
+    reference_means: th.Tensor | None = None  # (B, K, A) the KL reference's step means of the fine-tuned steps, if set
 
 
 class ChainSample(NamedTuple):

@@ -325,6 +325,9 @@ class UEPO(OfflineHandoverMixin, ChainRolloutMixin, OnPolicyAlgorithm):
         value_only = self._n_train_rounds < self.value_warmup_iters
         kl_coef = self.current_kl_ref_coef()
         logs: dict[str, list[float]] = defaultdict(list)
+        if not value_only and self.reference_policy is not None and isinstance(self.rollout_buffer, DiffusionRolloutBuffer):
+            # the frozen reference's step means, once per rollout rather than once per minibatch and epoch
+            self.rollout_buffer.set_reference_means(self.reference_policy.chain_means)  # type: ignore[union-attr]
 
         continue_training = True
         for epoch in range(self.n_epochs):
@@ -381,8 +384,10 @@ class UEPO(OfflineHandoverMixin, ChainRolloutMixin, OnPolicyAlgorithm):
             n_ft = evaluation.step_log_prob.shape[1]  # the fine-tuned (last) denoising steps
             step_log_ratio = (evaluation.step_log_prob - rollout_data.old_step_log_prob[:, -n_ft:]) / self.policy.action_dim
             if self.reference_policy is not None:
-                with th.no_grad():
-                    reference_means = self.reference_policy.chain_means(obs, rollout_data.chains)  # type: ignore[union-attr]
+                reference_means = getattr(rollout_data, "reference_means", None)
+                if reference_means is None:
+                    with th.no_grad():
+                        reference_means = self.reference_policy.chain_means(obs, rollout_data.chains)  # type: ignore[union-attr]
                 kl = self.policy.kl_divergence(evaluation.means, reference_means)
             return evaluation.values.flatten(), step_log_ratio, evaluation.step_log_prob.sum(-1), None, kl
 
