@@ -42,7 +42,7 @@ from stable_baselines3.common.utils import FloatSchedule, explained_variance
 from torch.nn import functional as F
 
 from sb3_uepo.common.buffers import DiffusionRolloutBuffer
-from sb3_uepo.uepo.defaults import AUTO, resolve_auto_arguments
+from sb3_uepo.uepo.defaults import AUTO, fit_ft_denoising_steps, resolve_auto_arguments
 from sb3_uepo.uepo.handover import OfflineHandoverMixin, policy_kwargs_from_offline
 from sb3_uepo.uepo.policies import DiffusionPolicy, MlpPolicy
 from sb3_uepo.uepo.rollouts import ChainRolloutMixin
@@ -248,6 +248,7 @@ class UEPO(OfflineHandoverMixin, ChainRolloutMixin, OnPolicyAlgorithm):
 
             config = resolve_offline_config(preset or "default", offline_kwargs)
             policy_kwargs_from_offline(self.policy_class, config, self.policy_kwargs)
+            fit_ft_denoising_steps(self.policy_kwargs)
         self.reference_policy = None
         self._reference_policy_set = False  # set_reference_policy() was called: keep a reference even if kl_ref_coef == 0
         self._n_train_rounds = 0  # calls of train(), i.e. rollouts learned from (value warm-up, KL decay)
