@@ -7,7 +7,7 @@ the time split between rollout collection and the update, the UEPO / PPO ratio, 
 and 64 (deterministic).
 
     nice -n 10 python benchmarks/throughput.py            # numbers in docs/benchmarks.md, "Online throughput"
-    nice -n 10 python benchmarks/throughput.py --settings fine-tuning --ft-denoising-steps 2
+    nice -n 10 python benchmarks/throughput.py --settings fine-tuning     # UEPO's fine-tuning batch, epochs, K and KL
     python benchmarks/throughput.py --rounds 3 --quick    # a smoke run
 """
 
@@ -28,7 +28,7 @@ from stable_baselines3.common.env_util import make_vec_env
 
 import sb3_uepo  # noqa: F401  (installs the MuJoCo log hook)
 from sb3_uepo.uepo import UEPO
-from sb3_uepo.uepo.defaults import FINE_TUNING_DEFAULTS
+from sb3_uepo.uepo.defaults import FINE_TUNING_DEFAULTS, FINE_TUNING_DIFFUSION_POLICY_KWARGS
 
 
 def _timed(model: Any, name: str, totals: dict[str, float]) -> None:
@@ -111,7 +111,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--n-epochs", type=int, default=10)
     parser.add_argument("--denoising-steps", type=int, default=5)
     parser.add_argument(
-        "--ft-denoising-steps", type=int, default=None, help="fine-tune only the last K denoising steps (default: all)"
+        "--ft-denoising-steps",
+        type=int,
+        default=None,
+        help="fine-tune only the last K denoising steps (default: all with --settings ppo, the fine-tuning default with "
+        "--settings fine-tuning)",
     )
     parser.add_argument(
         "--settings",
@@ -128,6 +132,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parser.parse_args(argv)
     if args.settings == "fine-tuning":
         args.batch_size, args.n_epochs = FINE_TUNING_DEFAULTS["batch_size"], FINE_TUNING_DEFAULTS["n_epochs"]
+        if args.ft_denoising_steps is None:  # as fine-tuning from a dataset does
+            args.ft_denoising_steps = FINE_TUNING_DIFFUSION_POLICY_KWARGS["ft_denoising_steps"]
     if args.quick:
         args.n_steps, args.n_epochs = 64, 2
     th.set_num_threads(args.threads)

@@ -220,10 +220,20 @@ def test_dataset_given_defaults_are_the_fine_tuning_settings_and_explicit_argume
     assert tuned.kl_ref_coef == FINE_TUNING_DEFAULTS["kl_ref_coef"] > 0
     assert tuned.value_warmup_iters == FINE_TUNING_DEFAULTS["value_warmup_iters"] > 0
     assert tuned.policy.value_lr_scale == 10.0
+    assert tuned.policy.ft_denoising_steps == 2  # DPPO's scheme: only the last denoising steps are fine-tuned
+    one_step = UEPO(
+        "DiffusionPolicy",
+        env,
+        dataset=pendulum_dataset(),
+        preset="quick",
+        offline_kwargs={**tiny_offline_kwargs, "n_sampling_steps": 1},
+    )
+    assert one_step.policy.ft_denoising_steps is None  # the default is capped at the chain length
 
     scratch = UEPO("DiffusionPolicy", env)
     assert (scratch.learning_rate, scratch.clip_range(1.0), scratch.n_steps) == (3e-4, 0.2, PPO_DEFAULTS["n_steps"])
     assert (scratch.kl_ref_coef, scratch.value_warmup_iters, scratch.policy.value_lr_scale) == (0.0, 0, 1.0)
+    assert scratch.policy.ft_denoising_steps is None  # from scratch every step learns
 
     explicit = UEPO(
         "DiffusionPolicy",
