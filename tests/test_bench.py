@@ -245,3 +245,21 @@ def test_bench_uepo_steer_shares_uepo_offline_phase_and_steers_online(tmp_path, 
     assert steer_run["offline"]["mean_return"] == pytest.approx(uepo_run["offline"]["mean_return"])  # same policy
     assert steer_run["online_env_steps"] == 64 and steer_run["curve"]["timesteps"] == [0, 32, 64]
     assert "UEPO + noise steering (SAC)" in (out / "results.md").read_text()
+
+
+def test_bench_on_a_local_ray_instance_writes_the_same_results(tmp_path, capsys):
+    """--backend ray: every run is a Ray task on a local instance with 2 CPUs; results land where the local pool's do."""
+    pytest.importorskip("ray")
+    args = ["bench", "--tasks", "Pendulum-v1", "--algos", "ppo", "--seeds", "0", "1", "--online-steps", "64"]
+    args += ["--eval-freq", "64", "--eval-episodes", "1", "--final-episodes", "1", "--no-plots", "--out", "bench_ray"]
+    args += ["--algo-kwargs", "ppo.n_steps=32", "ppo.batch_size=32", "ppo.n_epochs=1"]
+    assert main([*args, "--backend", "ray", "--workers", "2"]) == 0
+    out = tmp_path / "bench_ray"
+    runs = sorted(p.name for p in (out / "runs").glob("*.json"))
+    assert runs == ["Pendulum-v1__ppo__seed0.json", "Pendulum-v1__ppo__seed1.json"]
+    assert all(json.loads((out / "runs" / name).read_text())["online_env_steps"] == 64 for name in runs)
+    assert "2 runs: 0 already finished" in capsys.readouterr().out
+    assert main([*args, "--backend", "ray", "--workers", "2"]) == 0  # resumable as the local pool: nothing to rerun
+    assert "2 runs: 2 already finished (skipped), 0 to run" in capsys.readouterr().out
+    assert main([*args, "--address", "auto"]) == 2  # --address without --backend ray
+    assert "--backend ray" in capsys.readouterr().err

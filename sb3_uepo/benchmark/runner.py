@@ -298,22 +298,33 @@ class LearningCurve:
         }
 
 
+BACKENDS = ("local", "ray")
+
+
 def run_grid(
     specs: Sequence[RunSpec],
     out_dir: str | os.PathLike,
     workers: int = 1,
     force: bool = False,
     log: Callable[[str], None] = print,
+    backend: str = "local",
+    address: str | None = None,
 ) -> dict[str, list[RunSpec]]:
     """Run every spec not finished yet, each in its own fresh process, ``workers`` at a time.
 
     :param specs: the grid
-    :param out_dir: benchmark output directory
-    :param workers: processes running at once
+    :param out_dir: benchmark output directory (with ``backend="ray"`` on several machines: a path every node sees)
+    :param workers: processes running at once (``"ray"`` on its own local instance: its CPUs; on a cluster, the
+        cluster's CPUs set the limit and ``workers`` is ignored)
     :param force: redo finished runs too
     :param log: where progress lines go
+    :param backend: ``"local"`` (a process pool on this machine) or ``"ray"`` (each run a Ray task with one CPU;
+        needs the optional ``ray`` package: ``pip install sb3-uepo[ray]``)
+    :param address: Ray cluster address (``"auto"``, ``"ray://host:10001"``, ...); None starts a local instance
     :return: ``{"skipped": [...], "done": [...], "failed": [...]}``
     """
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}; choose from {', '.join(BACKENDS)}")
     outcome: dict[str, list[RunSpec]] = {"skipped": [], "done": [], "failed": []}
     todo = []
     for spec in specs:
@@ -325,21 +336,61 @@ def run_grid(
     if not todo:
         return outcome
     (Path(out_dir) / "logs").mkdir(parents=True, exist_ok=True)
-    context = multiprocessing.get_context("spawn")  # fresh interpreter per run: no torch/MuJoCo state shared via fork
     start = time.perf_counter()
+
+    def record(spec: RunSpec, ok: bool, message: str) -> None:
+        outcome["done" if ok else "failed"].append(spec)
+        finished = len(outcome["done"]) + len(outcome["failed"])
+        status = "ok  " if ok else "FAIL"
+        log(f"[{finished}/{len(todo)} {time.perf_counter() - start:7.0f}s] {status} {spec.run_id}: {message}")
+
+    if backend == "ray":
+        _run_on_ray(todo, str(Path(out_dir).resolve()), workers, address, record)
+        return outcome
+    context = multiprocessing.get_context("spawn")  # fresh interpreter per run: no torch/MuJoCo state shared via fork
     with concurrent.futures.ProcessPoolExecutor(max_workers=workers, mp_context=context, max_tasks_per_child=1) as pool:
         futures = {pool.submit(_run_in_child, spec.to_dict(), str(out_dir)): spec for spec in todo}
         for future in concurrent.futures.as_completed(futures):
-            spec = futures[future]
             try:
                 ok, message = future.result()
             except Exception as exc:  # the worker process itself died (e.g. killed for memory)
                 ok, message = False, f"worker process failed: {exc!r}"
-            outcome["done" if ok else "failed"].append(spec)
-            finished = len(outcome["done"]) + len(outcome["failed"])
-            status = "ok  " if ok else "FAIL"
-            log(f"[{finished}/{len(todo)} {time.perf_counter() - start:7.0f}s] {status} {spec.run_id}: {message}")
+            record(futures[future], ok, message)
     return outcome
+
+
+def _run_on_ray(
+    todo: Sequence[RunSpec],
+    out_dir: str,
+    workers: int,
+    address: str | None,
+    record: Callable[[RunSpec, bool, str], None],
+) -> None:
+    """Each run a Ray task (one CPU, a fresh worker process per run as in the local pool); results as they finish."""
+    try:
+        import ray
+    except ImportError as exc:
+        raise RuntimeError("--backend ray needs Ray: pip install 'sb3-uepo[ray]' (or pip install ray)") from exc
+    started_here = not ray.is_initialized()
+    if started_here:
+        if address is None:  # a local instance with `workers` CPUs
+            ray.init(num_cpus=workers, include_dashboard=False, log_to_driver=False)
+        else:
+            ray.init(address=address, log_to_driver=False)
+    try:
+        remote = ray.remote(num_cpus=1, max_calls=1, max_retries=0)(_run_in_child)
+        pending = {remote.remote(spec.to_dict(), out_dir): spec for spec in todo}
+        while pending:
+            ready, _ = ray.wait(list(pending), num_returns=1)
+            spec = pending.pop(ready[0])
+            try:
+                ok, message = ray.get(ready[0])
+            except Exception as exc:  # the task's worker died (e.g. killed for memory) or the node was lost
+                ok, message = False, f"ray task failed: {exc!r}"
+            record(spec, ok, message)
+    finally:
+        if started_here:
+            ray.shutdown()
 
 
 def _run_in_child(spec_dict: dict[str, Any], out_dir: str) -> tuple[bool, str]:

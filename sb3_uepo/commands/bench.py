@@ -48,6 +48,7 @@ examples:
              --algos uepo uni_o4 ppo sac ppo_bc --seeds 0 1 2 --online-steps 100000 --workers 2
   uepo bench --out bench_results --report-only            # re-aggregate what has finished
   uepo bench --algos ppo sac --algo-kwargs ppo.n_steps=1024 sac.learning_starts=5000
+  uepo bench --backend ray --address auto --out /shared/bench ...   # the grid on a Ray cluster (shared OUT)
 """
 
 
@@ -120,6 +121,19 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         metavar="ALGO.KEY=VALUE",
         help="constructor arguments of one algorithm, e.g. ppo.n_steps=1024 uepo.kl_ref_coef=0.1",
     )
+    bench.add_argument(
+        "--backend",
+        choices=("local", "ray"),
+        default="local",
+        help="local: a process pool on this machine (default); ray: each run a Ray task (pip install 'sb3-uepo[ray]'); "
+        "--workers sets the CPUs of a local Ray instance",
+    )
+    bench.add_argument(
+        "--address",
+        default=None,
+        metavar="ADDR",
+        help="Ray cluster to join (e.g. auto, ray://head:10001); OUT must then be on storage every node sees",
+    )
     bench.add_argument("--force", action="store_true", help="redo finished runs too")
     bench.add_argument("--report-only", action="store_true", help="only aggregate the finished runs in OUT")
     bench.add_argument("--dry-run", action="store_true", help="print the grid and what would be skipped, run nothing")
@@ -145,7 +159,16 @@ def run_bench(args: argparse.Namespace) -> int:
             print(f"{spec.run_id:<60} {state}")
         return 0
     if not args.report_only:
-        outcome = run_grid(specs, args.out, workers=args.workers, force=args.force)
+        if args.address is not None and args.backend != "ray":
+            print("error: --address joins a Ray cluster: add --backend ray", file=sys.stderr)
+            return 2
+        try:
+            outcome = run_grid(
+                specs, args.out, workers=args.workers, force=args.force, backend=args.backend, address=args.address
+            )
+        except RuntimeError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
         failed = outcome["failed"]
     written = write_report(
         args.out,
