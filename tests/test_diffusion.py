@@ -230,8 +230,8 @@ def test_traced_deterministic_predict_gives_the_eager_action_and_follows_the_wei
     obs_space, act_space = spaces.Box(-10, 10, (4,)), spaces.Box(-2, 2, (2,))
     policy = DiffusionPolicy(obs_space, act_space, lambda _: 1e-3, net_arch=[16, 16], sampler="ddim", ft_denoising_steps=2)
     policy.set_training_mode(False)
-    with torch.no_grad():  # eps = bias: unsaturated actions, so that a weight change shows in the action
-        policy.denoiser.net[-1].weight.zero_()
+    with torch.no_grad():  # eps close to the bias: unsaturated actions, so that a weight change shows in the action
+        policy.denoiser.net[-1].weight.mul_(0.01)
         policy.load_denoiser_state(policy.denoiser.state_dict())
 
     def eager(obs):
@@ -248,6 +248,7 @@ def test_traced_deterministic_predict_gives_the_eager_action_and_follows_the_wei
     before, _ = policy.predict(obs, deterministic=True)
     with torch.no_grad():  # an optimizer step changes the weights in place: the trace follows
         policy.denoiser.net[-1].bias.add_(0.2)
+        policy.denoiser.time_embed[1].bias.add_(1.0)  # a weight of the per-chain terms cached between chains
     after, _ = policy.predict(obs, deterministic=True)
     assert not torch.allclose(torch.as_tensor(before), torch.as_tensor(after))
     assert torch.allclose(torch.as_tensor(after), torch.as_tensor(policy.unscale_action(eager(obs))), atol=1e-5)
@@ -256,3 +257,23 @@ def test_traced_deterministic_predict_gives_the_eager_action_and_follows_the_wei
     assert torch.allclose(torch.as_tensor(copied.predict(obs, deterministic=True)[0]), torch.as_tensor(after), atol=1e-5)
     policy.use_traced_predict = False  # the switch: eager chain
     assert torch.allclose(torch.as_tensor(policy.predict(obs, deterministic=True)[0]), torch.as_tensor(after), atol=1e-5)
+
+
+def test_cached_step_terms_follow_in_place_weight_changes():
+    """Without autograd the per-chain step terms are reused between chains until a weight they depend on changes."""
+    torch.manual_seed(0)
+    denoiser = Denoiser(action_dim=2, cond_dim=3, hidden_sizes=(8,))
+    timesteps, cond = torch.tensor([9, 6, 3, 0]), torch.randn(5, 3)
+
+    def fresh():
+        with torch.enable_grad():  # the uncached computation
+            return [bias.detach() for _, bias in denoiser.prepare(cond, timesteps)]
+
+    with torch.no_grad():
+        first = [bias for _, bias in denoiser.prepare(cond, timesteps)]
+        assert all(torch.allclose(a, b) for a, b in zip(first, fresh(), strict=True))
+        for parameter in (*denoiser.time_embed.parameters(), denoiser.net[0].weight):
+            parameter.add_(0.5)  # in place, as an optimizer step or load_state_dict
+        again = [bias for _, bias in denoiser.prepare(cond, timesteps)]
+    assert all(torch.allclose(a, b) for a, b in zip(again, fresh(), strict=True))
+    assert not any(torch.allclose(a, b) for a, b in zip(again, first, strict=True))

@@ -168,9 +168,23 @@ class Denoiser(nn.Module):
         a, e = self.action_dim, self.time_embed[0].dim  # type: ignore[union-attr]
         w_x, w_t, w_c = first.weight[:, :a], first.weight[:, a : a + e], first.weight[:, a + e :]
         base = F.linear(cond, w_c, first.bias)  # (B, H)
-        step_terms = F.linear(self.time_embed(timesteps), w_t)  # (S, H)
+        step_terms = self._step_terms(timesteps, w_t)  # (S, H)
         w_x_t = w_x.t()
         return [(w_x_t, base + step_terms[j]) for j in range(timesteps.shape[0])]
+
+    def _step_terms(self, timesteps: torch.Tensor, w_t: torch.Tensor) -> torch.Tensor:
+        """``W_t emb(k_j)`` of the chain's steps, (S, H). Without autograd (rollouts, ``predict``) it is kept until a
+        weight it depends on changes (PyTorch counts every in-place change of a tensor in ``_version``: optimizer
+        steps, ``load_state_dict``), so consecutive chains skip the embedding network."""
+        if torch.is_grad_enabled() or torch.jit.is_tracing():  # a trace must compute it, not bake in a constant
+            return F.linear(self.time_embed(timesteps), w_t)
+        tensors = (timesteps, self.net[0].weight, *self.time_embed.parameters())
+        key = (*((t.data_ptr(), t._version) for t in tensors), tuple(timesteps.shape))
+        cached = self.__dict__.get("_step_terms_cache")
+        if cached is None or cached[0] != key:
+            cached = (key, F.linear(self.time_embed(timesteps), w_t))
+            self.__dict__["_step_terms_cache"] = cached
+        return cached[1]
 
     def step_eps(self, x: torch.Tensor, prepared: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
         """``eps_theta(x, k_j, s)`` from :meth:`prepare`'s entry of step ``j``, calling the layers' ``forward`` directly
