@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 import torch as th
-from stable_baselines3 import SAC
+from stable_baselines3 import SAC, TD3
 from stable_baselines3.common.env_util import make_vec_env
 
 from sb3_uepo import UEPO
@@ -37,6 +37,21 @@ def test_the_wrapper_acts_in_noise_space(policy):
     assert np.allclose(env.step(noise)[0], twin.step(expected)[0])
     with pytest.raises(ValueError, match="observations of shape"):
         NoiseSteeringWrapper(gym.make("MountainCarContinuous-v0"), policy)
+
+
+@pytest.mark.parametrize("agent_class", [SAC, TD3])
+def test_steering_starts_at_the_pretrained_policys_own_action(policy, agent_class):
+    """The agent's mean head is zeroed: before any learning the steered model acts exactly as the frozen policy from
+    x_0 = 0 (the pretrained policy's deterministic action), not from a random offset."""
+    kwargs = {k: v for k, v in TINY_SAC.items() if agent_class is SAC or k != "policy_kwargs"}
+    model = steer(policy, "Pendulum-v1", agent_class, noise_bound=2.0, seed=0, **kwargs)
+    obs = np.random.default_rng(1).normal(size=(5, 3)).astype(np.float32)
+    np.testing.assert_allclose(model.predict(obs, deterministic=True)[0], decode_noise(model.policy, obs, np.zeros((5, 1))))
+    with th.no_grad():
+        own = policy.unscale_action(policy._predict(th.as_tensor(obs), deterministic=True).numpy())
+    np.testing.assert_allclose(model.predict(obs, deterministic=True)[0], own, rtol=1e-5, atol=1e-5)
+    unzeroed = steer(policy, "Pendulum-v1", agent_class, noise_bound=2.0, seed=0, start_at_zero_noise=False, **kwargs)
+    assert not np.allclose(unzeroed.agent.predict(obs, deterministic=True)[0], 0.0)
 
 
 def test_steering_learns_without_touching_the_diffusion_policy(policy, tmp_path):

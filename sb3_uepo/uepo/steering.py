@@ -179,6 +179,7 @@ def steer(
     noise_bound: float = 2.0,
     n_envs: int = 1,
     seed: int | None = None,
+    start_at_zero_noise: bool = True,
     **agent_kwargs: Any,
 ) -> SteeredModel:
     """Build a :class:`SteeredModel`: ``agent_class`` (default SB3's SAC) in the noise space of a frozen copy of
@@ -190,6 +191,8 @@ def steer(
     :param noise_bound: half-width of the noise space
     :param n_envs: environments
     :param seed: seed of the agent and envs
+    :param start_at_zero_noise: zero the agent's mean head (:func:`zero_actor_output`), so that steering starts at the
+        pretrained policy's deterministic action (``x_0 = 0``)
     :param agent_kwargs: keyword arguments of the agent (``learning_starts``, ``buffer_size``, ...)
     """
     from stable_baselines3 import SAC
@@ -204,4 +207,27 @@ def steer(
         wrapper_kwargs=dict(policy=frozen, noise_bound=noise_bound),
     )
     agent = (agent_class or SAC)("MlpPolicy", env, seed=seed, **agent_kwargs)
+    if start_at_zero_noise:
+        zero_actor_output(agent)
     return SteeredModel(frozen, agent, noise_bound)
+
+
+def zero_actor_output(agent: Any) -> bool:
+    """Zero the last linear layer of an SB3 actor's mean head (SAC's ``actor.mu``, TD3's ``actor.mu[-2]``), so that its
+    deterministic noise is ``w = 0`` in every state: steering then starts exactly at the pretrained policy's own
+    deterministic action instead of at a random offset from it.
+
+    :return: whether a layer was found (False for agents without ``actor.mu``; they are left as built)
+    """
+    head = getattr(getattr(getattr(agent, "policy", None), "actor", None), "mu", None)
+    modules = [head] if isinstance(head, th.nn.Module) else []
+    layers = [m for module in modules for m in module.modules() if isinstance(m, th.nn.Linear)]
+    if not layers:
+        return False
+    with th.no_grad():
+        layers[-1].weight.zero_()
+        layers[-1].bias.zero_()
+    target = getattr(getattr(agent, "policy", None), "actor_target", None)  # TD3: keep the target equal to the actor
+    if target is not None:
+        target.load_state_dict(agent.policy.actor.state_dict())
+    return True
