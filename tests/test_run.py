@@ -117,6 +117,18 @@ def test_vec_normalize(policy):
     assert np.abs(model.rollout_buffer.observations).max() <= env.clip_obs
 
 
+def test_evaluate_with_reward_only_vec_normalize():
+    """VecNormalize(norm_obs=False) (reward scaling only, the policy keeps its own observation statistics): evaluation
+    runs on the raw env, since there is nothing to apply to observations."""
+    from sb3_uepo.common.evaluation import evaluate
+
+    env = VecNormalize(make_vec_env("Pendulum-v1", n_envs=2, seed=0), norm_obs=False, norm_reward=True, gamma=0.99)
+    model = make_model("DiffusionPolicy", env)
+    model.learn(total_timesteps=64)
+    result = evaluate(model, "Pendulum-v1", n_episodes=1, seed=0, env_kwargs=dict(max_episode_steps=20))
+    assert result.mean_return < 0 and len(result.returns) == 1  # Pendulum's raw (negative) return, not a scaled one
+
+
 def test_vec_normalize_warns_when_the_policy_normalises_too():
     model = make_model("DiffusionPolicy", VecNormalize(make_vec_env("Pendulum-v1", n_envs=2, seed=0)))
     model.policy.set_observation_statistics(np.ones(3), 2 * np.ones(3))

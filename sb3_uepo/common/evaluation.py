@@ -127,7 +127,9 @@ def make_eval_env(
     if vec_normalize is None:
         return env
     if isinstance(vec_normalize, VecNormalize):
-        wrapped = VecNormalize(env, training=False, norm_obs=vec_normalize.norm_obs, norm_reward=False)
+        if not vec_normalize.norm_obs:  # reward normalisation only (e.g. norm_obs=False): nothing to apply to obs
+            return env
+        wrapped = VecNormalize(env, training=False, norm_obs=True, norm_reward=False)
         wrapped.obs_rms = copy.deepcopy(vec_normalize.obs_rms)
         wrapped.clip_obs = vec_normalize.clip_obs
         wrapped.epsilon = vec_normalize.epsilon
