@@ -29,8 +29,8 @@ FINE_TUNING_DEFAULTS: dict[str, Any] = {
     "kl_ref_coef": 0.1,
 }
 # DiffusionPolicy only: the value network learns 10x faster than the actor (Uni-O4's critic/actor ratio), and only the
-# last 2 denoising steps are fine-tuned (DPPO's scheme; the update costs about half as much as with all 5 steps, and
-# the online score stayed level either way on Hopper, see docs/benchmarks.md). A chain of fewer steps fine-tunes all.
+# last 2 denoising steps are fine-tuned (DPPO's scheme; the update costs about a third of all 5 steps', see
+# docs/benchmarks.md, "Online throughput"). A chain of fewer steps fine-tunes all.
 FT_DENOISING_STEPS = 2
 FINE_TUNING_DIFFUSION_POLICY_KWARGS: dict[str, Any] = {"value_lr_scale": 10.0, "ft_denoising_steps": FT_DENOISING_STEPS}
 
