@@ -254,31 +254,30 @@ class ChainSampler(nn.Module):
         # schedule, hence not saved in state dicts)
         self.register_buffer("step_alpha_bar", abar.clone(), persistent=False)
         self.register_buffer("step_alpha_bar_prev", abar_prev.clone(), persistent=False)
-        # the same per-step constants as Python floats, for the sampling loop (one step for the whole batch)
-        self._step_coefficients = [_step_coefficients(float(a), float(b)) for a, b in zip(abar, abar_prev, strict=True)]
+        # The constants of every step's mean (_step_coefficients), once: as Python floats for the sampling loop (one
+        # step for the whole batch) and as a (S, 4) buffer for scoring stored chains (a step per row); derived, not saved
+        self._step_coefficients = [
+            _step_coefficients(float(a), float(b), sampler) for a, b in zip(abar, abar_prev, strict=True)
+        ]
+        self.register_buffer(
+            "step_mean_coefficients", torch.tensor(self._step_coefficients, dtype=torch.float32), persistent=False
+        )
         self._step_std_values = [float(v) for v in self.step_std]
 
     # -------------------------------------------------------------------------------------- means
     def step_mean(self, x: torch.Tensor, step: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
-        """Mean of the Gaussian of sampling step ``step`` (index into the S steps, shape (B,))."""
-        abar = self.step_alpha_bar[step].unsqueeze(-1)  # = schedule.alpha_bar(timesteps[step])
-        abar_prev = self.step_alpha_bar_prev[step].unsqueeze(-1)  # = schedule.alpha_bar(prev_timesteps[step])
-        x0 = ((x - (1 - abar).sqrt() * eps) / abar.sqrt()).clamp(-1.0, 1.0)
-        if self.sampler == "ddim":
-            eps = (x - abar.sqrt() * x0) / (1 - abar).sqrt()  # eps consistent with the clipped x0
-            return abar_prev.sqrt() * x0 + (1 - abar_prev).sqrt() * eps
-        alpha = abar / abar_prev  # respaced single-step alpha
-        coef_x0 = abar_prev.sqrt() * (1 - alpha) / (1 - abar)
-        coef_xk = alpha.sqrt() * (1 - abar_prev) / (1 - abar)
-        return coef_x0 * x0 + coef_xk * x
+        """Mean of the Gaussian of sampling step ``step`` (index into the S steps, shape (B,)):
+        ``x0 = clip((x - sqrt(1 - abar) eps) / sqrt(abar), -1, 1)``, then ``mean = a x0 + b x``
+        (:func:`_step_coefficients`)."""
+        c = self.step_mean_coefficients[step]  # (B, 4)
+        x0 = ((x - c[:, 0:1] * eps) * c[:, 1:2]).clamp(-1.0, 1.0)
+        return c[:, 2:3] * x0 + c[:, 3:4] * x
 
     def _sampling_step_mean(self, x: torch.Tensor, j: int, eps: torch.Tensor) -> torch.Tensor:
-        """:meth:`step_mean` of ONE step ``j`` for the whole batch, with the step's constants as Python floats (fewer
+        """:meth:`step_mean` of ONE step ``j`` for the whole batch, with the same constants as Python floats (fewer
         tensor operations in the sampling loop; equal up to float rounding)."""
-        c = self._step_coefficients[j]
-        x0 = (torch.add(x, eps, alpha=-c["sqrt_one_minus_abar"]) * c["inv_sqrt_abar"]).clamp(-1.0, 1.0)
-        # both samplers' means are linear in (x0, x) once x0 is clipped: mean = a x0 + b x
-        a, b = (c["ddim_x0"], c["ddim_xk"]) if self.sampler == "ddim" else (c["coef_x0"], c["coef_xk"])
+        eps_coef, inv_sqrt_abar, a, b = self._step_coefficients[j]
+        x0 = (torch.add(x, eps, alpha=-eps_coef) * inv_sqrt_abar).clamp(-1.0, 1.0)
         return torch.add(x0 * a, x, alpha=b)
 
     # -------------------------------------------------------------------------------------- sampling
@@ -407,16 +406,19 @@ class ChainSampler(nn.Module):
         return log_density.sum(-1)
 
 
-def _step_coefficients(abar: float, abar_prev: float) -> dict[str, float]:
-    """The constants of one sampling step's mean (:meth:`ChainSampler.step_mean`) from ``abar_k`` and ``abar_prev``."""
-    alpha = abar / abar_prev  # respaced single-step alpha
-    # DDIM: sqrt(abar_prev) x0 + sqrt(1 - abar_prev) (x - sqrt(abar) x0) / sqrt(1 - abar), collected per x0 and x
-    ddim_xk = math.sqrt(1 - abar_prev) / math.sqrt(1 - abar)
-    return {
-        "ddim_x0": math.sqrt(abar_prev) - ddim_xk * math.sqrt(abar),
-        "ddim_xk": ddim_xk,
-        "inv_sqrt_abar": 1.0 / math.sqrt(abar),
-        "sqrt_one_minus_abar": math.sqrt(1 - abar),
-        "coef_x0": math.sqrt(abar_prev) * (1 - alpha) / (1 - abar),
-        "coef_xk": math.sqrt(alpha) * (1 - abar_prev) / (1 - abar),
-    }
+def _step_coefficients(abar: float, abar_prev: float, sampler: str) -> tuple[float, float, float, float]:
+    """The constants ``(sqrt(1 - abar), 1 / sqrt(abar), a, b)`` of one sampling step's mean ``a x0 + b x``, where
+    ``x0 = clip((x - sqrt(1 - abar) eps) / sqrt(abar), -1, 1)``, from ``abar_k`` and ``abar_prev``.
+
+    DDIM: ``sqrt(abar_prev) x0 + sqrt(1 - abar_prev) eps'`` with ``eps' = (x - sqrt(abar) x0) / sqrt(1 - abar)`` (the
+    noise consistent with the clipped ``x0``), collected per ``x0`` and ``x``. DDPM: the posterior mean of
+    ``q(x_prev | x_k, x0)`` on the respaced steps.
+    """
+    if sampler == "ddim":
+        b = math.sqrt(1 - abar_prev) / math.sqrt(1 - abar)
+        a = math.sqrt(abar_prev) - b * math.sqrt(abar)
+    else:
+        alpha = abar / abar_prev  # respaced single-step alpha
+        a = math.sqrt(abar_prev) * (1 - alpha) / (1 - abar)
+        b = math.sqrt(alpha) * (1 - abar_prev) / (1 - abar)
+    return math.sqrt(1 - abar), 1.0 / math.sqrt(abar), a, b
