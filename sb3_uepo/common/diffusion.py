@@ -288,6 +288,7 @@ class ChainSampler(nn.Module):
         x_init: torch.Tensor | None = None,
         deterministic: bool = False,
         generator: torch.Generator | None = None,
+        first_noisy_step: int = 0,
     ) -> torch.Tensor:
         """Run the S denoising steps.
 
@@ -296,9 +297,11 @@ class ChainSampler(nn.Module):
         :param x_init: (B, A) or (A,) initial noise; drawn from N(0, I) when None
         :param deterministic: no exploration noise between steps (DDIM eta = 0 when ``sampler="ddim"``)
         :param generator: torch generator for the noise (reproducible sampling)
+        :param first_noisy_step: the steps before it take their mean (no exploration noise) even when not
+            ``deterministic``, e.g. the frozen steps of a policy that fine-tunes only the last ones
         :return: (B, S + 1, A) chain, unclipped; the action is ``chain[:, -1]``
         """
-        return self._run_chain(eps_fn, cond, x_init, deterministic, generator, with_log_prob=False)[0]
+        return self._run_chain(eps_fn, cond, x_init, deterministic, generator, False, first_noisy_step)[0]
 
     def sample_chain_with_log_prob(
         self,
@@ -307,15 +310,17 @@ class ChainSampler(nn.Module):
         x_init: torch.Tensor | None = None,
         deterministic: bool = False,
         generator: torch.Generator | None = None,
+        first_noisy_step: int = 0,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """:meth:`sample_chain` that also returns the chain's per-step log-densities, computed from the noise drawn
         while sampling (``x_{j+1} = mu_j + sigma_j z_j`` gives ``log N = -z_j^2 / 2 - log sigma_j - log(2 pi) / 2`` per
         dim), so no second denoiser pass is needed. Equal to :meth:`chain_log_prob` of the returned chain up to float
-        rounding.
+        rounding. A step without noise (``deterministic``, or before ``first_noisy_step``) gets the density of its
+        mean, ``-A (log sigma_j + log(2 pi) / 2)``.
 
         :return: (B, S + 1, A) chain and (B, S) per-step log-densities summed over action dims
         """
-        chain, log_prob = self._run_chain(eps_fn, cond, x_init, deterministic, generator, with_log_prob=True)
+        chain, log_prob = self._run_chain(eps_fn, cond, x_init, deterministic, generator, True, first_noisy_step)
         assert log_prob is not None
         return chain, log_prob
 
@@ -327,6 +332,7 @@ class ChainSampler(nn.Module):
         deterministic: bool,
         generator: torch.Generator | None,
         with_log_prob: bool,
+        first_noisy_step: int = 0,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         batch = cond.shape[0]
         action_dim = self._action_dim(eps_fn, x_init)
@@ -345,7 +351,7 @@ class ChainSampler(nn.Module):
                 eps = eps_fn(x, self.timesteps[j].expand(batch), cond)
             mean = self._sampling_step_mean(x, j, eps)
             z: torch.Tensor | None = None
-            if deterministic:
+            if deterministic or j < first_noisy_step:
                 x = mean
             else:
                 z = torch.randn(mean.shape, device=mean.device, generator=generator).clamp(-self.noise_clip, self.noise_clip)

@@ -73,7 +73,13 @@ class DiffusionPolicy(BasePolicy):
     :param sampler: ``"ddpm"`` (default) or ``"ddim"``. From an untrained denoiser, DDIM's clipped ``x0`` prediction
         is clipped at nearly every step, which passes no gradient: learning from scratch (no dataset) needs DDPM.
         With a dataset, the offline settings fill this in (the presets pretrain and fine-tune with DDIM).
-    :param min_std: floor of every denoising step's std (exploration noise and log-probabilities)
+    :param min_std: floor of every denoising step's std (exploration noise and log-probabilities); with a dataset it
+        follows the offline settings (the offline members' chains)
+    :param exploration_std: the online floor instead of ``min_std`` (exploration noise and log-probabilities of the
+        chains PPO fine-tunes), e.g. smaller than the offline one so that the stochastic policy PPO improves stays close
+        to the deterministic one that is evaluated; None: ``min_std``
+    :param explore_frozen_steps: with ``ft_denoising_steps``, also add exploration noise in the frozen first steps
+        (False: they take their mean, so that all the exploration happens where PPO can learn from it)
     :param noise_clip: clip of the standard-normal exploration noise of every step
     :param member_seed: None (default): deterministic actions start from ``x_0 = 0``, the mode of the prior, so that
         acting does not hinge on one random draw; an int: from the fixed draw
@@ -110,6 +116,8 @@ class DiffusionPolicy(BasePolicy):
         n_sampling_steps: int = 5,
         sampler: str = "ddpm",
         min_std: float = 0.1,
+        exploration_std: float | None = None,
+        explore_frozen_steps: bool = True,
         noise_clip: float = 3.0,
         member_seed: int | None = None,
         initial_noise: str = "random",
@@ -136,6 +144,8 @@ class DiffusionPolicy(BasePolicy):
                 f"ft_denoising_steps must be in [1, n_sampling_steps={n_sampling_steps}] (or None: every step), "
                 f"got {ft_denoising_steps}"
             )
+        if exploration_std is not None and exploration_std <= 0:
+            raise ValueError(f"exploration_std must be > 0 (or None: min_std), got {exploration_std}")
         if optimizer_kwargs is None:
             optimizer_kwargs = {"eps": 1e-5} if optimizer_class == th.optim.Adam else {}
         super().__init__(
@@ -156,6 +166,8 @@ class DiffusionPolicy(BasePolicy):
         self.n_sampling_steps = n_sampling_steps
         self.sampler_name = sampler
         self.min_std = min_std
+        self.exploration_std = exploration_std
+        self.explore_frozen_steps = explore_frozen_steps
         self.noise_clip = noise_clip
         self.member_seed = member_seed
         self.initial_noise = initial_noise
@@ -168,7 +180,8 @@ class DiffusionPolicy(BasePolicy):
         self.obs_dim = int(observation_space.shape[0])
         self.action_dim = get_action_dim(action_space)
         self.denoiser = Denoiser(self.action_dim, self.obs_dim, self.net_arch, time_embed_dim, activation_fn)
-        self.sampler = ChainSampler(NoiseSchedule(n_train_steps), n_sampling_steps, sampler, min_std, noise_clip)
+        step_std_floor = min_std if exploration_std is None else exploration_std
+        self.sampler = ChainSampler(NoiseSchedule(n_train_steps), n_sampling_steps, sampler, step_std_floor, noise_clip)
         # the first S - K steps act with a frozen copy (kept in sync by load_denoiser_state; saved with the policy)
         self.first_ft_step = n_sampling_steps - (ft_denoising_steps or n_sampling_steps)
         self.frozen_denoiser: Denoiser | None = None
@@ -209,6 +222,8 @@ class DiffusionPolicy(BasePolicy):
                 n_sampling_steps=self.n_sampling_steps,
                 sampler=self.sampler_name,
                 min_std=self.min_std,
+                exploration_std=self.exploration_std,
+                explore_frozen_steps=self.explore_frozen_steps,
                 noise_clip=self.noise_clip,
                 member_seed=self.member_seed,
                 initial_noise=self.initial_noise,
@@ -227,6 +242,12 @@ class DiffusionPolicy(BasePolicy):
         return list(self.denoiser.parameters()), list(self.value_net.parameters())
 
     # ------------------------------------------------------------------------------------------ offline seam
+    def value_head(self) -> nn.Linear:
+        """The value network's output layer (e.g. to change the units of the value)."""
+        head = self.value_net[-1]
+        assert isinstance(head, nn.Linear)
+        return head
+
     def set_observation_statistics(self, mean: np.ndarray | th.Tensor, std: np.ndarray | th.Tensor) -> None:
         """Fix the observation normalisation ``(s - mean) / std`` (e.g. to the offline dataset's statistics).
 
@@ -322,7 +343,14 @@ class DiffusionPolicy(BasePolicy):
         """
         cond = self.normalize_observation(obs)
         x_init = self.deterministic_noise if deterministic or self.initial_noise == "seed" else None
-        return self.sampler.sample_chain(self.acting_eps_fn(), cond, x_init=x_init, deterministic=deterministic)
+        return self.sampler.sample_chain(
+            self.acting_eps_fn(), cond, x_init=x_init, deterministic=deterministic, first_noisy_step=self.first_noisy_step
+        )
+
+    @property
+    def first_noisy_step(self) -> int:
+        """The first denoising step that explores: 0, or the first fine-tuned one (``explore_frozen_steps=False``)."""
+        return 0 if self.explore_frozen_steps else self.first_ft_step
 
     def acting_eps_fn(self) -> Any:
         """The noise predictor of the whole chain: the fine-tuned denoiser, or (``ft_denoising_steps``) the frozen copy
@@ -342,7 +370,7 @@ class DiffusionPolicy(BasePolicy):
         x_init = self.deterministic_noise if deterministic or self.initial_noise == "seed" else None
         # log-densities from the drawn noise: no second denoiser pass (equal to sampler.chain_log_prob up to rounding)
         chain, step_log_prob = self.sampler.sample_chain_with_log_prob(
-            self.acting_eps_fn(), cond, x_init=x_init, deterministic=deterministic
+            self.acting_eps_fn(), cond, x_init=x_init, deterministic=deterministic, first_noisy_step=self.first_noisy_step
         )
         return ChainSample(
             actions=chain[:, -1].clamp(-1.0, 1.0),

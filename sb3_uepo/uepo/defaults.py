@@ -27,6 +27,7 @@ FINE_TUNING_DEFAULTS: dict[str, Any] = {
     "clip_range": 0.05,
     "value_warmup_iters": 2,
     "kl_ref_coef": 0.1,
+    "normalize_reward": True,
 }
 # DiffusionPolicy only: the value network learns 10x faster than the actor (Uni-O4's critic/actor ratio), and only the
 # last 2 denoising steps are fine-tuned (DPPO's scheme; the update costs about a third of all 5 steps', see
@@ -43,6 +44,7 @@ PPO_DEFAULTS: dict[str, Any] = {
     "clip_range": 0.2,
     "value_warmup_iters": 0,
     "kl_ref_coef": 0.0,
+    "normalize_reward": False,
 }
 
 

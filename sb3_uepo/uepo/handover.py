@@ -28,6 +28,7 @@ from torch import nn
 
 from sb3_uepo.common.policies import DiffusionPolicy
 from sb3_uepo.offline.config import activation_class, activation_name
+from sb3_uepo.uepo.reward_scaling import scale_value_head
 
 
 @dataclass(frozen=True)
@@ -169,7 +170,7 @@ class OfflineHandoverMixin:
     :meth:`load_offline_result`, :meth:`set_reference_policy` (the KL reference), :meth:`steer` (noise-space steering)
     and the check that observations are not normalised twice. Mixed into the algorithm class, which provides SB3's
     attributes (``policy``, ``env``, ``seed``, ``gamma``, ``verbose``, ``device``, ``tensorboard_log``) and UEPO's own
-    (``dataset``, ``preset``, ``offline_kwargs``, ``pretrain_dir``, ``kl_ref_coef``)."""
+    (``dataset``, ``preset``, ``offline_kwargs``, ``pretrain_dir``, ``kl_ref_coef``, ``reward_scaler``)."""
 
     def _reference_needed(self) -> bool:
         return self.kl_ref_coef > 0.0 or self._reference_policy_set
@@ -225,7 +226,7 @@ class OfflineHandoverMixin:
         )
         result = pretrainer.run()
         self.offline_result = result
-        self.load_offline_result(result)
+        self.load_offline_result(result, dataset=dataset)
         self.offline_report = result.to_report()
         self.pretrained = True
         return dict(self.offline_report)
@@ -252,6 +253,8 @@ class OfflineHandoverMixin:
     def _resolve_dataset(self) -> Any:
         from sb3_uepo.common.datasets import load_dataset
 
+        if self.dataset is None:
+            return None
         if isinstance(self.dataset, (str, os.PathLike)):
             return load_dataset(self.dataset)
         return self.dataset
@@ -268,21 +271,37 @@ class OfflineHandoverMixin:
         Raises ``ValueError`` when the policy and the preset do not fit together."""
         return offline_config_for(self.policy, self.preset, self.offline_kwargs, self.seed, self.gamma)
 
-    def load_offline_result(self, result: Any, member: str = "chosen") -> None:
+    def load_offline_result(self, result: Any, member: str = "chosen", dataset: Any = None) -> None:
         """Put an offline result into the policy as :meth:`pretrain` does (the policy's own ``load_offline_result``:
         weights, IQL value, observation statistics, initial noise), then freeze the KL reference when
         ``kl_ref_coef > 0``; e.g. a result of :func:`~sb3_uepo.offline.pipeline.pretrain` run with
-        :meth:`offline_config` elsewhere, or one of its members (``result.member(i)``).
+        :meth:`offline_config` elsewhere, or one of its members (``result.member(i)``). With ``normalize_reward``, the
+        reward statistics start from the dataset's discounted returns and the IQL value is divided by their scale.
 
         :param result: an :class:`~sb3_uepo.offline.pipeline.OfflineResult`
         :param member: ``"chosen"`` (the member chosen offline) or ``"behavior"`` (the behaviour diffusion model of
             stage 1, i.e. diffusion BC; DiffusionPolicy only)
+        :param dataset: the dataset the result was learned from (an
+            :class:`~sb3_uepo.common.datasets.container.OfflineDataset`); None: this model's ``dataset``
         """
         if member not in ("chosen", "behavior"):
             raise ValueError(f"member must be 'chosen' or 'behavior', got {member!r}")
         self.policy.load_offline_result(result, member=member)  # type: ignore[union-attr]
+        if self.reward_scaler is not None:
+            self._start_reward_scale(dataset if dataset is not None else self._resolve_dataset())
         if self.kl_ref_coef > 0.0:
             self.set_reference_policy()
+
+    def _start_reward_scale(self, dataset: Any) -> None:
+        """Reward statistics from the dataset's returns; the (IQL) value network converted to the scaled units."""
+        if dataset is None:
+            warnings.warn(
+                "normalize_reward=True without a dataset: the reward statistics start empty and the loaded value "
+                "network stays in raw reward units until the value warm-up refits it"
+            )
+            return
+        self.reward_scaler.fit_dataset(dataset.rewards, dataset.episode_starts)
+        scale_value_head(self.policy.value_head(), 1.0 / self.reward_scaler.scale)  # type: ignore[union-attr]
 
     def steer(self, agent_class: Any = None, noise_bound: float = 2.0, n_envs: int = 1, **agent_kwargs: Any) -> Any:
         """Noise-space steering (DSRL): an SB3 off-policy agent (default SAC) learns which initial noise to give a

@@ -73,6 +73,11 @@ class MlpPolicy(ActorCriticPolicy):
         self.mlp_extractor.value_net.load_state_dict({k: v for k, v in value.items() if int(k.split(".")[0]) != last})
         self.value_net.load_state_dict({k.split(".", 1)[1]: v for k, v in value.items() if int(k.split(".")[0]) == last})
 
+    def value_head(self) -> th.nn.Linear:
+        """The value network's output layer (e.g. to change the units of the value)."""
+        assert isinstance(self.value_net, th.nn.Linear)
+        return self.value_net
+
     def actor_critic_parameters(self) -> tuple[list[th.nn.Parameter], list[th.nn.Parameter]]:
         """(actor, critic) parameters, clipped separately by UEPO: the value head and the value MLP (and a separate
         value features extractor) are the critic, everything else the actor."""

@@ -73,6 +73,8 @@ class ChainRolloutMixin:
 
             self._update_info_buffer(infos, dones)
             n_steps += 1
+            if self.reward_scaler is not None:  # in the value's units; the episode infos keep the raw returns
+                rewards = self.reward_scaler(rewards, dones)
 
             # Handle timeout by bootstrapping with the value function (SB3 issue #633)
             for idx, done in enumerate(dones):

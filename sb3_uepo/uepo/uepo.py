@@ -45,6 +45,7 @@ from sb3_uepo.common.buffers import DiffusionRolloutBuffer
 from sb3_uepo.uepo.defaults import AUTO, fit_ft_denoising_steps, resolve_auto_arguments
 from sb3_uepo.uepo.handover import OfflineHandoverMixin, policy_kwargs_from_offline
 from sb3_uepo.uepo.policies import DiffusionPolicy, MlpPolicy
+from sb3_uepo.uepo.reward_scaling import RewardScaler
 from sb3_uepo.uepo.rollouts import ChainRolloutMixin
 
 SelfUEPO = TypeVar("SelfUEPO", bound="UEPO")
@@ -84,6 +85,10 @@ class UEPO(OfflineHandoverMixin, ChainRolloutMixin, OnPolicyAlgorithm):
         policy; from scratch, the initial policy); 0 disables the term; "auto"
     :param kl_ref_decay: the KL coefficient is multiplied by this after every policy update (rollout)
     :param value_warmup_iters: the first ``value_warmup_iters`` updates train the value network only; "auto"
+    :param normalize_reward: divide rewards by the std of the discounted return, as ``VecNormalize(norm_reward=True)``
+        does but inside the algorithm (``uepo/reward_scaling.py``): with a dataset the statistics start from the
+        dataset's returns and the offline IQL value is converted to the scaled units at the hand-over; "auto" (True
+        with a dataset, False from scratch, as SB3's PPO)
     :param dataset: offline dataset (id, path or :class:`~sb3_uepo.common.datasets.container.OfflineDataset`) for
         the offline stages; None learns online from scratch
     :param preset: name of the offline budget/ablation preset (e.g. ``"quick"``, ``"uni_o4"``)
@@ -137,6 +142,7 @@ class UEPO(OfflineHandoverMixin, ChainRolloutMixin, OnPolicyAlgorithm):
         kl_ref_coef: float | str = AUTO,
         kl_ref_decay: float = 0.95,
         value_warmup_iters: int | str = AUTO,
+        normalize_reward: bool | str = AUTO,
         dataset: Any = None,
         preset: str | None = None,
         offline_kwargs: dict[str, Any] | None = None,
@@ -164,6 +170,7 @@ class UEPO(OfflineHandoverMixin, ChainRolloutMixin, OnPolicyAlgorithm):
                 clip_range=clip_range,
                 kl_ref_coef=kl_ref_coef,
                 value_warmup_iters=value_warmup_iters,
+                normalize_reward=normalize_reward,
             ),
             fine_tuning=dataset is not None,
             policy=_policy_name(policy),
@@ -174,6 +181,7 @@ class UEPO(OfflineHandoverMixin, ChainRolloutMixin, OnPolicyAlgorithm):
             auto[k] for k in ("learning_rate", "n_steps", "batch_size", "n_epochs")
         )
         clip_range, kl_ref_coef, value_warmup_iters = auto["clip_range"], auto["kl_ref_coef"], auto["value_warmup_iters"]
+        normalize_reward = bool(auto["normalize_reward"])
         super().__init__(
             policy,
             env,
@@ -234,6 +242,9 @@ class UEPO(OfflineHandoverMixin, ChainRolloutMixin, OnPolicyAlgorithm):
         self.kl_ref_coef = kl_ref_coef
         self.kl_ref_decay = kl_ref_decay
         self.value_warmup_iters = value_warmup_iters
+        self.normalize_reward = normalize_reward
+        # rewards scaled in collect_rollouts; statistics from the dataset at the hand-over (saved with the model)
+        self.reward_scaler = RewardScaler(gamma) if normalize_reward else None
         self.dataset = dataset
         self.preset = preset
         self.offline_kwargs = offline_kwargs
@@ -454,6 +465,8 @@ class UEPO(OfflineHandoverMixin, ChainRolloutMixin, OnPolicyAlgorithm):
         values, returns = self.rollout_buffer.values.flatten(), self.rollout_buffer.returns.flatten()
         self.logger.record("train/explained_variance", float(explained_variance(values, returns)))
         self.logger.record("train/value_warmup", int(value_only))
+        if self.reward_scaler is not None:
+            self.logger.record("train/reward_scale", self.reward_scaler.scale)
         if self.reference_policy is not None:
             self.logger.record("train/kl_ref_coef", kl_coef)
         if isinstance(self.policy, DiffusionPolicy):
@@ -521,6 +534,8 @@ class UEPO(OfflineHandoverMixin, ChainRolloutMixin, OnPolicyAlgorithm):
             raise _spaces_error(error, f"cannot load {path!r} onto this environment") from error
 
     def set_env(self, env: GymEnv, force_reset: bool = True) -> None:
+        if getattr(self, "reward_scaler", None) is not None:
+            self.reward_scaler.reset()  # type: ignore[union-attr]  # the new env's episodes start afresh
         try:
             super().set_env(env, force_reset)
         except ValueError as error:
