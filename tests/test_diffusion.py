@@ -277,3 +277,39 @@ def test_cached_step_terms_follow_in_place_weight_changes():
         again = [bias for _, bias in denoiser.prepare(cond, timesteps)]
     assert all(torch.allclose(a, b) for a, b in zip(again, fresh(), strict=True))
     assert not any(torch.allclose(a, b) for a, b in zip(again, first, strict=True))
+
+
+def test_exploration_std_and_noise_free_frozen_steps():
+    """``explore_frozen_steps=False``: the frozen first steps of a stochastic chain take their means (the chain's
+    prefix is the deterministic one), only the fine-tuned steps explore, with ``exploration_std`` as their std; the
+    log-densities from sampling still equal the ones computed from the stored chain."""
+    from gymnasium import spaces
+
+    from sb3_uepo.common.policies import DiffusionPolicy
+
+    torch.manual_seed(0)
+    obs_space, act_space = spaces.Box(-10, 10, (4,)), spaces.Box(-1, 1, (2,))
+    kwargs = dict(net_arch=[16, 16], sampler="ddim", ft_denoising_steps=2, initial_noise="seed")
+    policy = DiffusionPolicy(
+        obs_space, act_space, lambda _: 1e-3, exploration_std=0.05, explore_frozen_steps=False, **kwargs
+    )
+    assert torch.allclose(policy.sampler.step_std, torch.full((5,), 0.05))
+    assert policy.first_noisy_step == policy.first_ft_step == 3
+    obs = torch.randn(64, 4)
+    with torch.no_grad():
+        deterministic = policy.sample_chain(obs, deterministic=True)
+        sample = policy.sample_chain_with_values(obs)
+        scored = policy.sampler.chain_log_prob(policy.acting_eps_fn(), sample.chain, policy.normalize_observation(obs))
+    assert torch.allclose(sample.chain[:, :4], deterministic[:, :4], atol=1e-6)  # x_0 .. x_3: no noise
+    step_noise = (sample.chain[:, 4:] - deterministic[:, 4:]).std()
+    assert 0.02 < step_noise < 0.2  # the last two steps explore, at about the exploration std
+    assert torch.allclose(sample.step_log_prob, scored, atol=1e-3)
+
+    default = DiffusionPolicy(obs_space, act_space, lambda _: 1e-3, **kwargs)  # noise in every step, at min_std
+    assert default.first_noisy_step == 0 and torch.allclose(default.sampler.step_std, torch.full((5,), 0.1))
+    with torch.no_grad():
+        assert not torch.allclose(default.sample_chain(obs)[:, 1], default.sample_chain(obs, deterministic=True)[:, 1])
+    params = policy._get_constructor_parameters()
+    assert params["exploration_std"] == 0.05 and params["explore_frozen_steps"] is False
+    with pytest.raises(ValueError, match="exploration_std must be > 0"):
+        DiffusionPolicy(obs_space, act_space, lambda _: 1e-3, exploration_std=0.0)

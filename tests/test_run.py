@@ -287,16 +287,18 @@ def test_learning_rate_schedule(policy):
         progress.append(progress_remaining)
         return 1e-3 * (0.5 + progress_remaining)
 
-    policy_kwargs = dict(POLICY_KWARGS[policy])
-    if policy == "DiffusionPolicy":
-        policy_kwargs["value_lr_scale"] = 10.0
+    policy_kwargs = dict(POLICY_KWARGS[policy], value_lr_scale=10.0)
     model = make_model(policy, learning_rate=schedule, policy_kwargs=policy_kwargs)
     model.learn(total_timesteps=128)  # 4 updates, at progress 0.75, 0.5, 0.25, 0
     assert progress[-4:] == pytest.approx([0.75, 0.5, 0.25, 0.0])
     assert model.logger.name_to_value["train/learning_rate"] == pytest.approx(5e-4)
     learning_rates = [group["lr"] for group in model.policy.optimizer.param_groups]
-    expected = [5e-4, 5e-3] if policy == "DiffusionPolicy" else [5e-4]  # the value group is scaled
-    assert learning_rates == pytest.approx(expected)
+    assert learning_rates == pytest.approx([5e-4, 5e-3])  # actor, then the (scaled) value group
+    # the groups split the parameters: actor and critic, as the separate gradient clips see them
+    actor, critic = model.policy.actor_critic_parameters()
+    groups = model.policy.optimizer.param_groups
+    assert {id(p) for p in groups[0]["params"]} == {id(p) for p in actor}
+    assert {id(p) for p in groups[1]["params"]} == {id(p) for p in critic}
 
 
 @pytest.mark.parametrize("policy", POLICIES)

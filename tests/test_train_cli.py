@@ -32,7 +32,7 @@ def test_main_job_defaults():
     assert budget_preset("quick+uni_o4") == "quick" and budget_preset("uni_o4") == "default"
     defaults = fine_tuning_defaults("DiffusionPolicy", n_envs=8)
     assert defaults["n_steps"] * 8 == 2048 and defaults["clip_range"] < 0.2 and defaults["policy_kwargs"]
-    assert "policy_kwargs" not in fine_tuning_defaults("MlpPolicy")  # value_lr_scale is a DiffusionPolicy argument
+    assert fine_tuning_defaults("MlpPolicy")["policy_kwargs"] == {"value_lr_scale": 10.0}  # the Uni-O4 baseline's too
 
 
 def test_parse_assignments():

@@ -105,3 +105,19 @@ def test_optimize_with_shared_storage(tmp_path):
     assert zoo.main(args) == 0
     study = optuna.load_study(study_name="uepo-test", storage=storage)
     assert len(study.trials) == 1 and "kl_ref_coef" in study.trials[0].params
+
+
+def test_mujoco_entries_use_the_fine_tuning_defaults():
+    """The YAML's fine-tuning settings are the ones ``uepo train`` and ``uepo bench`` use (``uepo/defaults.py``)."""
+    from stable_baselines3.common.utils import LinearSchedule
+
+    from sb3_uepo.uepo.defaults import fine_tuning_defaults
+
+    entry = yaml.safe_load(CONFIG.read_text())["Hopper-v5"]
+    defaults = fine_tuning_defaults("DiffusionPolicy", entry["n_envs"])
+    for key in ("n_steps", "batch_size", "n_epochs", "clip_range", "value_warmup_iters", "kl_ref_coef", "normalize_reward"):
+        assert entry[key] == defaults[key], key
+    schedule = defaults["learning_rate"]
+    assert isinstance(schedule, LinearSchedule) and float(entry["learning_rate"].removeprefix("lin_")) == schedule.start
+    assert schedule.end == 0.0 and schedule.end_fraction == 1.0
+    assert eval(entry["policy_kwargs"]) == defaults["policy_kwargs"]  # noqa: S307 (rl-zoo3 evaluates it the same way)

@@ -76,6 +76,8 @@ def _json_default(obj: Any) -> Any:
         return str(obj)
     if isinstance(obj, type):  # e.g. an activation class in policy_kwargs
         return f"{obj.__module__}.{obj.__qualname__}"
+    if callable(obj) and type(obj).__module__ == "stable_baselines3.common.utils":  # SB3's schedules print their values
+        return repr(obj)
     raise TypeError(f"Object of type {type(obj).__name__} is not JSON serialisable")
 
 

@@ -22,16 +22,42 @@ from sb3_uepo.common.policies import DiffusionPolicy
 
 class MlpPolicy(ActorCriticPolicy):
     """SB3's ``ActorCriticPolicy`` (same arguments) that first normalises observations as ``(s - mean) / std`` with
-    FIXED statistics: registered buffers, saved with the model, identity until :meth:`set_observation_statistics`."""
+    FIXED statistics: registered buffers, saved with the model, identity until :meth:`set_observation_statistics`.
+
+    :param value_lr_scale: the critic's (value MLP and head) learning rate is ``value_lr_scale`` times the actor's, as
+        the DiffusionPolicy's (Uni-O4 online: 10); UEPO applies it at every learning-rate update. 1.0: SB3's one rate
+    """
 
     obs_mean: th.Tensor
     obs_std: th.Tensor
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, value_lr_scale: float = 1.0, **kwargs: Any) -> None:
+        if value_lr_scale <= 0:
+            raise ValueError(f"value_lr_scale must be > 0, got {value_lr_scale}")
+        self.value_lr_scale = value_lr_scale
         super().__init__(*args, **kwargs)
         obs_dim = get_flattened_obs_dim(self.observation_space)
         self.register_buffer("obs_mean", th.zeros(obs_dim))
         self.register_buffer("obs_std", th.ones(obs_dim))
+
+    def _build(self, lr_schedule: Any) -> None:
+        """SB3's networks; the optimizer gets an actor and a critic parameter group (``lr_scale`` per group)."""
+        super()._build(lr_schedule)
+        actor, critic = self.actor_critic_parameters()
+        lr = lr_schedule(1)
+        self.optimizer = self.optimizer_class(
+            [
+                {"params": actor, "lr": lr, "lr_scale": 1.0, "name": "actor"},
+                {"params": critic, "lr": lr * self.value_lr_scale, "lr_scale": self.value_lr_scale, "name": "value"},
+            ],
+            lr=lr,
+            **self.optimizer_kwargs,
+        )
+
+    def _get_constructor_parameters(self) -> dict[str, Any]:
+        data = super()._get_constructor_parameters()
+        data["value_lr_scale"] = self.value_lr_scale
+        return data
 
     def set_observation_statistics(self, mean: np.ndarray | th.Tensor, std: np.ndarray | th.Tensor) -> None:
         """Fix the observation normalisation (e.g. to the offline dataset's statistics).
