@@ -290,9 +290,7 @@ def test_exploration_std_and_noise_free_frozen_steps():
     torch.manual_seed(0)
     obs_space, act_space = spaces.Box(-10, 10, (4,)), spaces.Box(-1, 1, (2,))
     kwargs = dict(net_arch=[16, 16], sampler="ddim", ft_denoising_steps=2, initial_noise="seed")
-    policy = DiffusionPolicy(
-        obs_space, act_space, lambda _: 1e-3, exploration_std=0.05, explore_frozen_steps=False, **kwargs
-    )
+    policy = DiffusionPolicy(obs_space, act_space, lambda _: 1e-3, exploration_std=0.05, explore_frozen_steps=False, **kwargs)
     assert torch.allclose(policy.sampler.step_std, torch.full((5,), 0.05))
     assert policy.first_noisy_step == policy.first_ft_step == 3
     obs = torch.randn(64, 4)

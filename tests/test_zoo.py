@@ -120,4 +120,4 @@ def test_mujoco_entries_use_the_fine_tuning_defaults():
     schedule = defaults["learning_rate"]
     assert isinstance(schedule, LinearSchedule) and float(entry["learning_rate"].removeprefix("lin_")) == schedule.start
     assert schedule.end == 0.0 and schedule.end_fraction == 1.0
-    assert eval(entry["policy_kwargs"]) == defaults["policy_kwargs"]  # noqa: S307 (rl-zoo3 evaluates it the same way)
+    assert eval(entry["policy_kwargs"]) == defaults["policy_kwargs"]  # rl-zoo3 evaluates it the same way
