@@ -52,8 +52,12 @@ def build(algo: str, args: argparse.Namespace) -> Any:
         policy_kwargs = dict(n_sampling_steps=args.denoising_steps, sampler="ddim")  # as fine-tuning runs
         if args.ft_denoising_steps is not None:
             policy_kwargs["ft_denoising_steps"] = args.ft_denoising_steps
-        kl = {"kl_ref_coef": FINE_TUNING_DEFAULTS["kl_ref_coef"]} if args.settings == "fine-tuning" else {}
-        model = UEPO("DiffusionPolicy", env, policy_kwargs=policy_kwargs, **kl, **common)
+        extra: dict[str, Any] = {}
+        if args.settings == "fine-tuning":  # the KL reference, reward scaling and exploration of fine-tuning
+            extra = {key: FINE_TUNING_DEFAULTS[key] for key in ("kl_ref_coef", "normalize_reward")}
+            for key in ("exploration_std", "explore_frozen_steps"):
+                policy_kwargs[key] = FINE_TUNING_DIFFUSION_POLICY_KWARGS[key]
+        model = UEPO("DiffusionPolicy", env, policy_kwargs=policy_kwargs, **extra, **common)
         if args.settings == "fine-tuning":
             model.set_reference_policy()  # as after pretraining: the KL reference is evaluated in every update
         return model
