@@ -235,6 +235,15 @@ def test_dataset_given_defaults_are_the_fine_tuning_settings_and_explicit_argume
         offline_kwargs={**tiny_offline_kwargs, "n_sampling_steps": 1},
     )
     assert one_step.policy.ft_denoising_steps is None  # the default is capped at the chain length
+    with pytest.raises(ValueError, match="ft_denoising_steps must be in"):  # an explicit value is checked, not capped
+        UEPO(
+            "DiffusionPolicy",
+            env,
+            dataset=pendulum_dataset(),
+            preset="quick",
+            offline_kwargs={**tiny_offline_kwargs, "n_sampling_steps": 1},
+            policy_kwargs={"ft_denoising_steps": 2},
+        )
 
     scratch = UEPO("DiffusionPolicy", env)
     assert (scratch.learning_rate, scratch.clip_range(1.0), scratch.n_steps) == (3e-4, 0.2, PPO_DEFAULTS["n_steps"])

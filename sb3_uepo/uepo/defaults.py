@@ -107,7 +107,8 @@ def resolve_auto_arguments(
 
 def fit_ft_denoising_steps(policy_kwargs: dict[str, Any]) -> None:
     """In place: the fine-tuning default ``ft_denoising_steps`` (:data:`FT_DENOISING_STEPS`) is capped at the chain's
-    ``n_sampling_steps`` (a 1-step chain fine-tunes its one step); any other value is left for the policy to check."""
+    ``n_sampling_steps`` (a 1-step chain fine-tunes its one step). Call it only when the default was filled in (the
+    user did not pass ``ft_denoising_steps``): an explicit value is left for the policy to check."""
     steps = policy_kwargs.get("n_sampling_steps")
     if policy_kwargs.get("ft_denoising_steps") == FT_DENOISING_STEPS and steps is not None and steps < FT_DENOISING_STEPS:
         policy_kwargs["ft_denoising_steps"] = None

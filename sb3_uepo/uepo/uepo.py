@@ -162,6 +162,7 @@ class UEPO(OfflineHandoverMixin, ChainRolloutMixin, OnPolicyAlgorithm):
         _init_setup_model: bool = True,
     ) -> None:
         # "auto" arguments: the fine-tuning settings when a dataset is given, PPO's otherwise (uepo/defaults.py)
+        ft_steps_given = "ft_denoising_steps" in (policy_kwargs or {})  # an explicit value is never adjusted
         auto, policy_kwargs = resolve_auto_arguments(
             dict(
                 learning_rate=learning_rate,
@@ -260,7 +261,8 @@ class UEPO(OfflineHandoverMixin, ChainRolloutMixin, OnPolicyAlgorithm):
 
             config = resolve_offline_config(preset or "default", offline_kwargs)
             policy_kwargs_from_offline(self.policy_class, config, self.policy_kwargs)
-            fit_ft_denoising_steps(self.policy_kwargs)
+            if not ft_steps_given:
+                fit_ft_denoising_steps(self.policy_kwargs)
         self.reference_policy = None
         self._reference_policy_set = False  # set_reference_policy() was called: keep a reference even if kl_ref_coef == 0
         self._n_train_rounds = 0  # calls of train(), i.e. rollouts learned from (value warm-up, KL decay)
