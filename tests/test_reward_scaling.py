@@ -85,3 +85,10 @@ def test_fine_tuning_stores_scaled_rewards_and_saves_the_statistics(diffusion_mo
 def test_from_scratch_keeps_raw_rewards_like_ppo():
     model = UEPO("DiffusionPolicy", "Pendulum-v1", n_steps=16, batch_size=16, seed=0)
     assert not model.normalize_reward and model.reward_scaler is None
+
+
+def test_rewards_scaled_twice_are_reported(diffusion_model, pendulum_dataset):
+    env = VecNormalize(DummyVecEnv([lambda: gym.make("Pendulum-v1")]), norm_obs=False, norm_reward=True)
+    model = diffusion_model(pendulum_dataset(), env=env)
+    with pytest.warns(UserWarning, match="scales rewards that UEPO scales again"):
+        model.learn(32)

@@ -336,6 +336,11 @@ class OfflineHandoverMixin:
 
     def _warn_if_observations_normalised_twice(self) -> None:
         vec_normalize = self.get_vec_normalize_env()
+        if vec_normalize is not None and vec_normalize.norm_reward and self.reward_scaler is not None:
+            warnings.warn(
+                "VecNormalize(norm_reward=True) scales rewards that UEPO scales again (normalize_reward=True): use "
+                "VecNormalize(norm_reward=False), or UEPO(..., normalize_reward=False)"
+            )
         if vec_normalize is None or not vec_normalize.norm_obs or not isinstance(self.policy, DiffusionPolicy):
             return
         identity = bool((self.policy.obs_mean == 0).all() and (self.policy.obs_std == 1).all())
