@@ -115,7 +115,16 @@ def test_mujoco_entries_use_the_fine_tuning_defaults():
 
     entry = yaml.safe_load(CONFIG.read_text())["Hopper-v5"]
     defaults = fine_tuning_defaults("DiffusionPolicy", entry["n_envs"])
-    for key in ("n_steps", "batch_size", "n_epochs", "clip_range", "value_warmup_iters", "kl_ref_coef", "normalize_reward"):
+    for key in (
+        "n_steps",
+        "batch_size",
+        "n_epochs",
+        "clip_range",
+        "value_warmup_iters",
+        "kl_ref_coef",
+        "normalize_reward",
+        "gamma",
+    ):
         assert entry[key] == defaults[key], key
     schedule = defaults["learning_rate"]
     assert isinstance(schedule, LinearSchedule) and float(entry["learning_rate"].removeprefix("lin_")) == schedule.start

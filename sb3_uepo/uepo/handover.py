@@ -104,11 +104,10 @@ def _policy_value(policy: BasePolicy, key: str) -> Any:
     return value
 
 
-def offline_config_for(
-    policy: BasePolicy, preset: str | None, offline_kwargs: dict[str, Any] | None, seed: int | None, gamma: float
-) -> Any:
+def offline_config_for(policy: BasePolicy, preset: str | None, offline_kwargs: dict[str, Any] | None, seed: int | None) -> Any:
     """The offline config whose networks load into ``policy``: the preset and ``offline_kwargs``, with the policy's
-    architecture, ``seed`` and ``gamma`` (where ``offline_kwargs`` does not set them).
+    architecture and ``seed`` (where ``offline_kwargs`` does not set it). The offline discount is the preset's (0.99,
+    or ``offline_kwargs["gamma"]``), not the online one: fine-tuning plans further ahead (UEPO's ``gamma``).
 
     :raises ValueError: the policy and the preset do not fit together (a DiffusionPolicy with Gaussian members, an
         MlpPolicy with diffusion members, an activation the offline stages do not build, conflicting sizes)
@@ -149,8 +148,6 @@ def offline_config_for(
         )
     if "seed" not in user and seed is not None:
         arch["seed"] = int(seed)
-    if "gamma" not in user:
-        arch["gamma"] = float(gamma)
     return resolve_offline_config(config, arch)
 
 
@@ -267,9 +264,9 @@ class OfflineHandoverMixin:
 
     def offline_config(self) -> Any:
         """The :class:`~sb3_uepo.offline.config.OfflineConfig` that :meth:`pretrain` runs: preset +
-        ``offline_kwargs``, with the architecture, seed and gamma of this model (``handover.offline_config_for``).
+        ``offline_kwargs``, with the architecture and seed of this model (``handover.offline_config_for``).
         Raises ``ValueError`` when the policy and the preset do not fit together."""
-        return offline_config_for(self.policy, self.preset, self.offline_kwargs, self.seed, self.gamma)
+        return offline_config_for(self.policy, self.preset, self.offline_kwargs, self.seed)
 
     def load_offline_result(self, result: Any, member: str = "chosen", dataset: Any = None) -> None:
         """Put an offline result into the policy as :meth:`pretrain` does (the policy's own ``load_offline_result``:

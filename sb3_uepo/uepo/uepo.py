@@ -70,7 +70,9 @@ class UEPO(OfflineHandoverMixin, ChainRolloutMixin, OnPolicyAlgorithm):
     :param n_steps: steps per environment per update (the rollout buffer holds ``n_steps * n_envs``); "auto"
     :param batch_size: minibatch size; "auto"
     :param n_epochs: epochs over the rollout buffer per update; "auto"
-    :param gamma: discount factor
+    :param gamma: discount factor of the online phase; "auto" (0.999 when fine-tuning, as DPPO: with 0.99 a Hopper policy
+        traded survival for per-step reward late in fine-tuning; 0.99 from scratch, as SB3's PPO). The offline stages
+        use their preset's discount (``offline_kwargs={"gamma": ...}``)
     :param gae_lambda: GAE lambda
     :param clip_range: PPO clip of the (per-denoising-step) ratio, float or schedule; Uni-O4 fine-tunes with 0.05,
         DPPO with 0.01; "auto"
@@ -130,7 +132,7 @@ class UEPO(OfflineHandoverMixin, ChainRolloutMixin, OnPolicyAlgorithm):
         n_steps: int | str = AUTO,
         batch_size: int | str = AUTO,
         n_epochs: int | str = AUTO,
-        gamma: float = 0.99,
+        gamma: float | str = AUTO,
         gae_lambda: float = 0.95,
         clip_range: float | Schedule | str = AUTO,
         clip_range_vf: float | Schedule | None = None,
@@ -173,6 +175,7 @@ class UEPO(OfflineHandoverMixin, ChainRolloutMixin, OnPolicyAlgorithm):
                 kl_ref_coef=kl_ref_coef,
                 value_warmup_iters=value_warmup_iters,
                 normalize_reward=normalize_reward,
+                gamma=gamma,
             ),
             fine_tuning=dataset is not None,
             policy=_policy_name(policy),
@@ -183,7 +186,7 @@ class UEPO(OfflineHandoverMixin, ChainRolloutMixin, OnPolicyAlgorithm):
             auto[k] for k in ("learning_rate", "n_steps", "batch_size", "n_epochs")
         )
         clip_range, kl_ref_coef, value_warmup_iters = auto["clip_range"], auto["kl_ref_coef"], auto["value_warmup_iters"]
-        normalize_reward = bool(auto["normalize_reward"])
+        normalize_reward, gamma = bool(auto["normalize_reward"]), float(auto["gamma"])
         super().__init__(
             policy,
             env,
