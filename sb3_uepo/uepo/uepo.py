@@ -70,9 +70,8 @@ class UEPO(OfflineHandoverMixin, ChainRolloutMixin, OnPolicyAlgorithm):
     :param n_steps: steps per environment per update (the rollout buffer holds ``n_steps * n_envs``); "auto"
     :param batch_size: minibatch size; "auto"
     :param n_epochs: epochs over the rollout buffer per update; "auto"
-    :param gamma: discount factor of the online phase; "auto" (0.999 when fine-tuning, as DPPO: with 0.99 a Hopper policy
-        traded survival for per-step reward late in fine-tuning; 0.99 from scratch, as SB3's PPO). The offline stages
-        use their preset's discount (``offline_kwargs={"gamma": ...}``)
+    :param gamma: discount factor of the online phase; "auto" (0.99, fine-tuning or not). The offline stages use their
+        preset's discount (``offline_kwargs={"gamma": ...}``), so that changing the online one keeps the offline result
     :param gae_lambda: GAE lambda
     :param clip_range: PPO clip of the (per-denoising-step) ratio, float or schedule; Uni-O4 fine-tunes with 0.05,
         DPPO with 0.01; "auto"
