@@ -107,7 +107,7 @@ def _policy_value(policy: BasePolicy, key: str) -> Any:
 def offline_config_for(policy: BasePolicy, preset: str | None, offline_kwargs: dict[str, Any] | None, seed: int | None) -> Any:
     """The offline config whose networks load into ``policy``: the preset and ``offline_kwargs``, with the policy's
     architecture and ``seed`` (where ``offline_kwargs`` does not set it). The offline discount is the preset's (0.99,
-    or ``offline_kwargs["gamma"]``), not the online one: fine-tuning plans further ahead (UEPO's ``gamma``).
+    or ``offline_kwargs["gamma"]``), not UEPO's online ``gamma``: changing the online discount keeps the offline result.
 
     :raises ValueError: the policy and the preset do not fit together (a DiffusionPolicy with Gaussian members, an
         MlpPolicy with diffusion members, an activation the offline stages do not build, conflicting sizes)
