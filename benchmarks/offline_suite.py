@@ -99,17 +99,23 @@ def run_job(env_id: str, source: str, method: str, preset: str, seed: int, episo
         mode: ev.normalized_mean
         for mode, ev in evaluate_modes(model, env_id, MODES, n_episodes=episodes, seed=eval_seed, dataset=dataset).items()
     }
-    if method == "uepo":
-        stages = score_offline_stages(model, result, env_id, n_episodes=episodes, seed=eval_seed, dataset=dataset)
+    if method in ("uepo", "uni_o4"):
+        # every stage's real score (reporting only); the Uni-O4 preset's Gaussian members deterministically only (its
+        # four members before and after offline PPO: where the preset gains or loses against plain BC)
+        stage_modes = MODES if method == "uepo" else ("deterministic",)
+        stages = score_offline_stages(
+            model, result, env_id, n_episodes=episodes, seed=eval_seed, dataset=dataset, modes=stage_modes
+        )
         out["stages"] = [
             {k: (row[k] if k not in MODES else row[k]["normalized_mean"]) for k in row} for row in stages["stages"]
         ]
         out["regret"] = stages.get("regret")
         out["random_choice_regret"] = stages.get("random_choice_regret")
-        behavior = next(row for row in out["stages"] if row["stage"] == "behavior")
-        out["diffusion_bc"] = {mode: behavior[mode] for mode in MODES}
         chosen = next(r for r in out["stages"] if r["stage"] == "offline_ppo" and r["member"] == result.chosen_member)
         out["chosen_ope_normalized"] = chosen.get("ope_normalized")
+    if method == "uepo":
+        behavior = next(row for row in out["stages"] if row["stage"] == "behavior")
+        out["diffusion_bc"] = {mode: behavior[mode] for mode in MODES}
     out["wall_s"] = time.perf_counter() - start
     return out
 
@@ -169,26 +175,31 @@ def table(data: dict, datasets: list[str]) -> str:
     return "\n".join(lines)
 
 
-def stage_table(data: dict, datasets: list[str]) -> str:
-    """Per UEPO run: the behaviour model, every member after offline PPO, the member chosen offline, its OPE score
-    (model return over the OPE horizon, normalised; a partial episode) and the choice's regret against a random one."""
+def stage_table(data: dict, datasets: list[str], method: str = "uepo") -> str:
+    """Per run of ``method`` (``uepo`` or ``uni_o4``): the behaviour model (UEPO), every member before and after
+    offline PPO, the member chosen offline, its OPE score (model return over the OPE horizon, normalised; a partial
+    episode) and the choice's regret against a random one."""
     lines = [
-        "| dataset | seed | behaviour model det / stoch | members after offline PPO (det) | chosen det / stoch | "
-        "OPE of chosen | regret (random) |",
-        "|---|---|---|---|---|---|---|",
+        f"| dataset | seed | {method}: behaviour model det / stoch | members before offline PPO (det) | "
+        "members after offline PPO (det) | chosen det / stoch | OPE of chosen | regret (random) |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for name in datasets:
-        for key in sorted(k for k in data["jobs"] if k.startswith(name + "|") and k.endswith("|uepo")):
+        for key in sorted(k for k in data["jobs"] if k.startswith(name + "|") and k.endswith(f"|{method}")):
             job, seed = data["jobs"][key], key.split("|")[1]
             stages = job.get("stages", [])
+            if not stages:
+                continue
             behavior = next((r for r in stages if r["stage"] == "behavior"), None)
+            before = ", ".join(f"{r['deterministic']:.1f}" for r in stages if r["stage"] == "members")
             after = ", ".join(f"{r['deterministic']:.1f}" for r in stages if r["stage"] == "offline_ppo")
             beh = f"{behavior['deterministic']:.1f} / {behavior['stochastic']:.1f}" if behavior else "-"
             ope = job.get("chosen_ope_normalized")
             regret = f"{job['regret']:.1f} ({job['random_choice_regret']:.1f})" if job.get("regret") is not None else "-"
             chosen = f"{job['scores']['deterministic']:.1f} / {job['scores']['stochastic']:.1f}"
             lines.append(
-                f"| {name} | {seed} | {beh} | {after} | {chosen} | {'-' if ope is None else f'{ope:.1f}'} | {regret} |"
+                f"| {name} | {seed} | {beh} | {before} | {after} | {chosen} | {'-' if ope is None else f'{ope:.1f}'} "
+                f"| {regret} |"
             )
     return "\n".join(lines)
 
@@ -264,9 +275,10 @@ def main(argv: list[str] | None = None) -> int:
         write_json(out, data)
     names = [n for n in args.datasets if any(k.startswith(n + "|") for k in data["jobs"])]
     print(table(data, names))
-    if "uepo" in args.methods:
-        print()
-        print(stage_table(data, names))
+    for method in ("uepo", "uni_o4"):
+        if method in args.methods:
+            print()
+            print(stage_table(data, names, method))
     return 0
 
 

@@ -1,0 +1,53 @@
+"""The tables of ``benchmarks/offline_suite.py`` (the scripts are not a package: loaded by path)."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def suite():
+    spec = importlib.util.spec_from_file_location("offline_suite", ROOT / "benchmarks" / "offline_suite.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _job(det: float, sto: float, stages: list[dict] | None = None, **extra) -> dict:
+    job = dict(scores=dict(deterministic=det, stochastic=sto), wall_s=1.0, **extra)
+    if stages is not None:
+        job["stages"] = stages
+    return job
+
+
+def _member_rows(before: list[float], after: list[float]) -> list[dict]:
+    rows = [dict(stage="members", member=i, deterministic=v) for i, v in enumerate(before)]
+    return rows + [dict(stage="offline_ppo", member=i, deterministic=v, ope_normalized=None) for i, v in enumerate(after)]
+
+
+def test_tables_report_every_method_and_the_uni_o4_stages(suite):
+    behavior = [dict(stage="behavior", member=None, deterministic=80.0, stochastic=40.0)]
+    data = {
+        "data_returns": {"hopper-medium": 40.0},
+        "jobs": {
+            "hopper-medium|0|uepo": _job(
+                80.0, 70.0, behavior + _member_rows([80.0], [80.0]), diffusion_bc=dict(deterministic=80.0, stochastic=40.0)
+            ),
+            "hopper-medium|0|uni_o4": _job(
+                20.0, 18.0, _member_rows([41.0, 39.0], [20.0, 30.0]), regret=10.0, random_choice_regret=5.0
+            ),
+            "hopper-medium|0|bc": _job(40.0, 20.0),
+        },
+    }
+    main = suite.table(data, ["hopper-medium"])
+    assert "| hopper-medium | 40.0 | 80.0 / 70.0 (n=1) | 80.0 / 40.0 (n=1) | 20.0 / 18.0 (n=1) | 40.0 / 20.0 (n=1)" in main
+    uni = suite.stage_table(data, ["hopper-medium"], "uni_o4")
+    row = [line for line in uni.splitlines() if line.startswith("| hopper-medium")]
+    assert row == ["| hopper-medium | 0 | - | 41.0, 39.0 | 20.0, 30.0 | 20.0 / 18.0 | - | 10.0 (5.0) |"]
+    uepo = suite.stage_table(data, ["hopper-medium"])
+    assert "| hopper-medium | 0 | 80.0 / 40.0 | 80.0 | 80.0 | 80.0 / 70.0 | - | - |" in uepo
