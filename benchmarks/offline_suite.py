@@ -37,6 +37,7 @@ import shutil
 import subprocess
 import sys
 import time
+import traceback
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 from typing import Any
@@ -111,8 +112,8 @@ def run_job(env_id: str, source: str, method: str, preset: str, seed: int, episo
         ]
         out["regret"] = stages.get("regret")
         out["random_choice_regret"] = stages.get("random_choice_regret")
-        chosen = next(r for r in out["stages"] if r["stage"] == "offline_ppo" and r["member"] == result.chosen_member)
-        out["chosen_ope_normalized"] = chosen.get("ope_normalized")
+        chosen = [r for r in out["stages"] if r["stage"] == "offline_ppo" and r["member"] == result.chosen_member]
+        out["chosen_ope_normalized"] = chosen[0].get("ope_normalized") if chosen else None
     if method == "uepo":
         behavior = next(row for row in out["stages"] if row["stage"] == "behavior")
         out["diffusion_bc"] = {mode: behavior[mode] for mode in MODES}
@@ -258,11 +259,18 @@ def main(argv: list[str] | None = None) -> int:
                             shutil.copytree(source_ckpt, ckpt, ignore=shutil.ignore_patterns("stage_offline_ppo*"))
                         jobs[key] = (env_id, source, method, args.preset, seed, args.episodes, settings["offline"], ckpt)
         start = time.perf_counter()
+        failed: list[str] = []
         with ProcessPoolExecutor(max_workers=max(1, args.workers)) as pool:
             futures = {pool.submit(run_job, *job): key for key, job in jobs.items()}
             for future in as_completed(futures):
                 key = futures[future]
-                data["jobs"][key] = future.result()
+                try:
+                    data["jobs"][key] = future.result()
+                except Exception as error:  # one failed job must not lose the others' results
+                    failed.append(key)
+                    print(f"{key}: FAILED ({type(error).__name__}: {error})", flush=True)
+                    traceback.print_exception(error)
+                    continue
                 write_json(out, data)
                 job = data["jobs"][key]
                 extra = f", diffusion BC {job['diffusion_bc']['deterministic']:.1f}" if "diffusion_bc" in job else ""
@@ -273,13 +281,15 @@ def main(argv: list[str] | None = None) -> int:
                 )
         data["wall_s_last_invocation"] = time.perf_counter() - start
         write_json(out, data)
+        if failed:
+            print(f"{len(failed)} job(s) failed: {', '.join(failed)}; the others are saved in {out}", flush=True)
     names = [n for n in args.datasets if any(k.startswith(n + "|") for k in data["jobs"])]
     print(table(data, names))
     for method in ("uepo", "uni_o4"):
         if method in args.methods:
             print()
             print(stage_table(data, names, method))
-    return 0
+    return 1 if not args.table_only and failed else 0
 
 
 if __name__ == "__main__":
