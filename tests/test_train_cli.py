@@ -134,3 +134,21 @@ def test_train_with_dataset_writes_report_and_pretrained_model(tmp_path, capsys,
     )
     model = UEPO.load(out.with_suffix(".zip"))
     assert model.pretrained and model.policy.net_arch == [16, 16]
+
+
+def test_warning_when_the_offline_policy_scores_below_its_data(tiny_dataset):
+    """`uepo train` warns (and records it in the report) when the offline policy acts worse than its data; only with
+    reference scores for the task (raw returns of data and evaluation episodes need not be comparable)."""
+    from sb3_uepo.commands.train import _below_data_warning
+    from sb3_uepo.common.evaluation import normalized_scores
+
+    data = tiny_dataset()  # 25-step episodes, return about 18: normalised as Hopper-v5 about 1.2
+    data_score = normalized_scores("Hopper-v5", [data.statistics().return_mean], data)[0]
+    below = {"evaluation": {"after_offline": {"normalized_mean": data_score - 1.0}}}
+    above = {"evaluation": {"after_offline": {"normalized_mean": data_score + 1.0}}}
+    warning = _below_data_warning(below, "Hopper-v5", data, "quick")
+    assert warning is not None and f"below its own data's {data_score:.1f}" in warning and "--preset quick+bc" in warning
+    assert "--preset" not in _below_data_warning(below, "Hopper-v5", data, "quick+bc")
+    assert _below_data_warning(above, "Hopper-v5", data, "quick") is None
+    assert _below_data_warning(below, "Pendulum-v1", data, "quick") is None  # no reference scores: no comparison
+    assert _below_data_warning({"evaluation": {}}, "Hopper-v5", data, "quick") is None

@@ -344,7 +344,7 @@ def _train(
     """The body of ``uepo train`` once the arguments are checked and ``--out`` is locked."""
     from stable_baselines3.common.env_util import make_vec_env
 
-    from sb3_uepo.common.evaluation import EVAL_SEED_OFFSET, score_offline_stages
+    from sb3_uepo.common.evaluation import EVAL_SEED_OFFSET
     from sb3_uepo.common.io import atomic_path, write_json
     from sb3_uepo.uepo import UEPO
 
@@ -400,6 +400,7 @@ def _train(
         "offline_kwargs": offline_kwargs,
         "params": {k: v for k, v in constructor.items() if k not in ("dataset", "tensorboard_log", "pretrain_dir")},
         "model_path": str(model_path),
+        "warnings": [],
         "evaluation": {},
         "wall_s": {},
     }
@@ -426,16 +427,7 @@ def _train(
         if chosen:
             print(chosen)
     if dataset is not None and args.eval_episodes > 0:
-        # Reporting only: the member was chosen by offline policy evaluation, before and without this evaluation.
-        _evaluate_into(report, "after_offline", model, env_id, args.eval_episodes, eval_seed, dataset)
-        if args.stage_scores and model.offline_result is not None:
-            stage_start = time.perf_counter()
-            stages = score_offline_stages(
-                model, model.offline_result, env_id, n_episodes=args.eval_episodes, seed=eval_seed, dataset=dataset
-            )
-            report["stage_scores"] = stages
-            report["wall_s"]["stage_scores"] = time.perf_counter() - stage_start
-            print(format_stage_scores(stages))
+        _score_offline_result(args, report, model, env_id, eval_seed, dataset)
 
     if online_steps > 0:
         model = _online_phase(args, model, online_steps, model_path, report)
@@ -452,6 +444,28 @@ def _train(
     write_json(report_path, report)
     _print_summary(report, model_path, report_path)
     return 0
+
+
+def _score_offline_result(
+    args: argparse.Namespace, report: dict[str, Any], model: Any, env_id: str, eval_seed: int, dataset: Any
+) -> None:
+    """Real-env scores after the offline phase, a warning when they are below the data's, and (``--stage-scores``)
+    every stage's. Reporting only: the member was chosen by offline policy evaluation, before and without them."""
+    from sb3_uepo.common.evaluation import score_offline_stages
+
+    _evaluate_into(report, "after_offline", model, env_id, args.eval_episodes, eval_seed, dataset)
+    warning = _below_data_warning(report, env_id, dataset, args.preset)
+    if warning:
+        report["warnings"].append(warning)
+        print(f"warning: {warning}")
+    if args.stage_scores and model.offline_result is not None:
+        stage_start = time.perf_counter()
+        stages = score_offline_stages(
+            model, model.offline_result, env_id, n_episodes=args.eval_episodes, seed=eval_seed, dataset=dataset
+        )
+        report["stage_scores"] = stages
+        report["wall_s"]["stage_scores"] = time.perf_counter() - stage_start
+        print(format_stage_scores(stages))
 
 
 def _online_phase(args: argparse.Namespace, model: Any, online_steps: int, model_path: Path, report: dict[str, Any]) -> Any:
@@ -614,6 +628,26 @@ def format_stage_scores(stages: dict[str, Any]) -> str:
 def _score_cell(evaluation: dict[str, Any]) -> str:
     value = evaluation.get("normalized_mean")
     return "-" if value is None else f"{value:.1f}"
+
+
+def _below_data_warning(report: dict[str, Any], env_id: str, dataset: Any, preset: str) -> str | None:
+    """A warning when the offline policy scores below its own data (normalised, deterministic), or None.
+
+    Only with reference scores for the task: the data's episodes and the evaluation episodes may differ in length
+    otherwise, so raw returns are not comparable. Measured on the offline suite (docs/benchmarks.md): on some datasets
+    the offline result falls far below its data and below plain BC, and nothing offline tells."""
+    from sb3_uepo.common.evaluation import normalized_scores
+
+    score = report["evaluation"].get("after_offline", {}).get("normalized_mean")
+    data = normalized_scores(env_id, [dataset.statistics().return_mean], dataset)
+    if score is None or data is None or score >= data[0]:
+        return None
+    floor = f"{budget_preset(preset)}+bc"
+    hint = "" if "bc" in preset.split("+") else f" Compare with plain behaviour cloning: --preset {floor}."
+    return (
+        f"the offline policy scores {score:.1f} (normalised, deterministic), below its own data's {data[0]:.1f}: "
+        f"it acts worse than the behaviour that made the data.{hint}"
+    )
 
 
 def _dataset_score(env_id: str, ret: float, dataset: Any) -> str:
