@@ -252,3 +252,59 @@ def test_ope_starts_where_the_config_says(monkeypatch, where, tiny_config, tiny_
         assert is_start.all()
     else:
         assert not is_start.all()  # 8 uniform draws from 200 states, 8 of them episode starts
+
+
+def test_top_episodes_mask_keeps_the_best_episodes(tiny_dataset):
+    from sb3_uepo.offline.behavior import top_episodes_mask
+
+    data = tiny_dataset(n_episodes=6, length=5)
+    returns, slices = data.episode_returns(), data.episode_slices()
+    mask = top_episodes_mask(data, 0.5)
+    kept = [i for i, episode in enumerate(slices) if mask[episode].all()]
+    assert sorted(kept) == sorted(np.argsort(-returns)[:3].tolist()) and mask.sum() == 15
+    assert top_episodes_mask(data, 1.0).all() and top_episodes_mask(data, 0.01).sum() == 5  # at least one episode
+    with pytest.raises(ValueError, match="fraction"):
+        top_episodes_mask(data, 0.0)
+
+
+def test_behaviour_model_on_the_best_episodes_only(tmp_path, run_pipeline, tiny_config, monkeypatch):
+    """%BC: the behaviour model sees the top share of episodes; the critics still see every transition; a fraction of 1
+    leaves the run's fingerprint as it was before the setting existed (older checkpoints resume)."""
+    seen = {}
+    original_behavior, original_iql = pipeline_module.fit_behavior_model, pipeline_module.fit_iql
+
+    def behavior(obs, actions, *args, **kwargs):
+        seen["behavior"] = obs.shape[0]
+        return original_behavior(obs, actions, *args, **kwargs)
+
+    def iql(obs, *args, **kwargs):
+        seen["iql"] = obs.shape[0]
+        return original_iql(obs, *args, **kwargs)
+
+    monkeypatch.setattr(pipeline_module, "fit_behavior_model", behavior)
+    monkeypatch.setattr(pipeline_module, "fit_iql", iql)
+    result = run_pipeline(config=tiny_config(behavior_top_fraction=0.25))
+    assert seen == {"behavior": 2 * 25, "iql": 8 * 25}  # tiny data: 8 episodes of 25 steps
+    assert result.stage_reports["behavior"]["transitions"] == 50
+    with pytest.raises(ValueError, match="behavior_top_fraction"):
+        tiny_config(behavior_top_fraction=1.5)
+
+
+def test_a_setting_added_later_keeps_older_checkpoints_valid_at_its_default(tiny_config, tiny_dataset, monkeypatch):
+    from sb3_uepo.offline.config import OfflineConfig
+
+    data = tiny_dataset()
+
+    def fingerprint(config):
+        return OfflinePretrainer(data, OBS_SPACE, ACT_SPACE, config, progress_bar=False).fingerprint
+
+    default, changed = fingerprint(tiny_config()), fingerprint(tiny_config(behavior_top_fraction=0.5))
+    to_dict = OfflineConfig.to_dict
+
+    def without_later_fields(self):  # the config as it was before these fields existed
+        return {k: v for k, v in to_dict(self).items() if k not in pipeline_module.LATER_FIELDS_AT_DEFAULT}
+
+    monkeypatch.setattr(OfflineConfig, "to_dict", without_later_fields)
+    assert fingerprint(tiny_config()) == default != changed
+    for name, value in pipeline_module.LATER_FIELDS_AT_DEFAULT.items():
+        assert getattr(OfflineConfig(), name) == value, name

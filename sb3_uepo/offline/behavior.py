@@ -20,10 +20,30 @@ import math
 import time
 from typing import Any
 
+import numpy as np
 import torch
 
 from sb3_uepo.common.diffusion import ChainSampler, Denoiser, NoiseSchedule
 from sb3_uepo.offline.config import OfflineConfig, log_values, make_progress_bar
+
+
+def top_episodes_mask(dataset: Any, fraction: float) -> np.ndarray:
+    """Boolean mask over the dataset's transitions: those of the ``fraction`` of its episodes with the highest returns
+    (at least one episode; ties keep the earlier episode), e.g. for %BC.
+
+    :param dataset: an :class:`~sb3_uepo.common.datasets.container.OfflineDataset`
+    :param fraction: share of episodes to keep, in (0, 1]
+    :return: (N,) bool
+    """
+    if not 0.0 < fraction <= 1.0:
+        raise ValueError(f"fraction must be in (0, 1], got {fraction}")
+    slices, returns = dataset.episode_slices(), dataset.episode_returns()
+    n_keep = max(1, round(fraction * len(slices)))
+    keep = np.argsort(-np.asarray(returns), kind="stable")[:n_keep]
+    mask = np.zeros(len(dataset), dtype=bool)
+    for index in keep:
+        mask[slices[index]] = True
+    return mask
 
 
 def make_denoiser(action_dim: int, obs_dim: int, config: OfflineConfig) -> Denoiser:

@@ -53,6 +53,9 @@ class OfflineConfig:
     behavior_batch_size: int = 256
     behavior_lr: float = 3e-4  # Adam, cosine-decayed to 10% over behavior_steps
     behavior_ema: float = 0.995  # EMA of the denoiser weights; the EMA copy is the behaviour model (0 disables)
+    # share of the dataset's episodes, highest returns first, the behaviour model learns from (%BC; 1: every episode).
+    # The critics and every other stage keep the whole dataset.
+    behavior_top_fraction: float = 1.0
 
     # ------------------------------------------------------------------ stage 2: IQL critics
     iql_steps: int = 50_000  # gradient steps of Q and V
@@ -152,6 +155,10 @@ class OfflineConfig:
             (self.min_std > 0, f"min_std must be > 0, got {self.min_std}"),
             (0.0 < self.expectile < 1.0, f"expectile must be in (0, 1), got {self.expectile}"),
             (0.0 <= self.behavior_ema < 1.0, f"behavior_ema must be in [0, 1), got {self.behavior_ema}"),
+            (
+                0.0 < self.behavior_top_fraction <= 1.0,
+                f"behavior_top_fraction must be in (0, 1], got {self.behavior_top_fraction}",
+            ),
             (self.value_activation in ACTIVATIONS, f"value_activation must be one of {ACTIVATIONS}"),
             (self.gaussian_activation in ACTIVATIONS, f"gaussian_activation must be one of {ACTIVATIONS}"),
             (self.member_noise in MEMBER_NOISE, f"member_noise must be one of {MEMBER_NOISE}, got {self.member_noise!r}"),

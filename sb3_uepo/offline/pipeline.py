@@ -46,7 +46,7 @@ from gymnasium import spaces
 from torch import nn
 
 from sb3_uepo.common.io import atomic_path, output_lock
-from sb3_uepo.offline.behavior import fit_behavior_model, make_denoiser, make_sampler
+from sb3_uepo.offline.behavior import fit_behavior_model, make_denoiser, make_sampler, top_episodes_mask
 from sb3_uepo.offline.checkpoints import Progress, StageCheckpoints, jsonable
 from sb3_uepo.offline.config import OfflineConfig, log_values, resolve_offline_config
 from sb3_uepo.offline.data import OfflineData
@@ -64,6 +64,10 @@ from sb3_uepo.offline.members import (
 from sb3_uepo.offline.offline_ppo import OfflinePolicyImprovement
 
 STAGES = ("behavior", "iql", "dynamics", "members", "offline_ppo")
+# Config fields added after checkpoints were already written, with their defaults: they enter a run's fingerprint
+# only when set to another value, so a checkpoint written before the field existed still resumes.
+LATER_FIELDS_AT_DEFAULT: dict[str, Any] = {"behavior_top_fraction": 1.0}
+
 # Fields read by the offline_ppo stage alone (policy improvement, its regularisers, the OPE gate and the choice):
 # changing only these reuses the checkpoints of the stages before it.
 OFFLINE_PPO_ONLY_FIELDS = (
@@ -313,9 +317,14 @@ class OfflinePretrainer:
 
     # ------------------------------------------------------------------------------------------ inputs
     def _fingerprint(self, exclude: tuple[str, ...] = ()) -> str:
-        """Hash of the config (without the ``exclude`` fields) and the data."""
+        """Hash of the config (without the ``exclude`` fields, and without the fields added later while they keep
+        their defaults, so that older checkpoints stay valid) and the data."""
         h = hashlib.sha256()
-        config = {k: v for k, v in self.config.to_dict().items() if k not in exclude}
+        config = {
+            k: v
+            for k, v in self.config.to_dict().items()
+            if k not in exclude and not (k in LATER_FIELDS_AT_DEFAULT and v == LATER_FIELDS_AT_DEFAULT[k])
+        }
         h.update(json.dumps(jsonable(config), sort_keys=True).encode())
         for arr in (self.dataset.observations, self.dataset.actions, self.dataset.rewards, self.dataset.terminals):
             h.update(np.ascontiguousarray(arr).tobytes())
@@ -434,7 +443,12 @@ class OfflinePretrainer:
     def _stage_behavior(self) -> tuple[Any, dict[str, Any], dict[str, Any]]:
         if self.config.policy_type != "diffusion":
             return None, dict(skipped=True), dict(skipped="Gaussian members are cloned directly in the members stage")
-        model, report = fit_behavior_model(self.data.obs, self.data.actions, self.config, self.logger, self.progress_bar)
+        obs, actions, fraction = self.data.obs, self.data.actions, self.config.behavior_top_fraction
+        if fraction < 1.0:  # %BC: the best episodes only (the observation normalisation stays the whole dataset's)
+            mask = torch.as_tensor(top_episodes_mask(self.dataset, fraction), device=obs.device)
+            obs, actions = obs[mask], actions[mask]
+        model, report = fit_behavior_model(obs, actions, self.config, self.logger, self.progress_bar)
+        report["transitions"] = int(obs.shape[0])
         return model, dict(state_dict=model.state_dict()), report
 
     def _stage_iql(self) -> tuple[Any, dict[str, Any], dict[str, Any]]:
