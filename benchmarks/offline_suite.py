@@ -240,6 +240,7 @@ def main(argv: list[str] | None = None) -> int:
     if not args.table_only:
         data.update(settings=settings, command=" ".join([Path(sys.argv[0]).name, *(argv or sys.argv[1:])]))
     data.setdefault("jobs", {})
+    failed: list[str] = []  # keys of jobs that raised in this invocation
     data.setdefault("data_returns", {})
     if not args.table_only:
         data_dir = Path(args.data_dir)
@@ -261,7 +262,6 @@ def main(argv: list[str] | None = None) -> int:
                             shutil.copytree(source_ckpt, ckpt, ignore=shutil.ignore_patterns("stage_offline_ppo*"))
                         jobs[key] = (env_id, source, method, args.preset, seed, args.episodes, settings["offline"], ckpt)
         start = time.perf_counter()
-        failed: list[str] = []
         with ProcessPoolExecutor(max_workers=max(1, args.workers)) as pool:
             futures = {pool.submit(run_job, *job): key for key, job in jobs.items()}
             for future in as_completed(futures):
@@ -291,7 +291,7 @@ def main(argv: list[str] | None = None) -> int:
         if method in args.methods:
             print()
             print(stage_table(data, names, method))
-    return 1 if not args.table_only and failed else 0
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

@@ -64,9 +64,9 @@ from sb3_uepo.offline.members import (
 from sb3_uepo.offline.offline_ppo import OfflinePolicyImprovement
 
 STAGES = ("behavior", "iql", "dynamics", "members", "offline_ppo")
-# Config fields added after checkpoints were already written, with their defaults: they enter a run's fingerprint
-# only when set to another value, so a checkpoint written before the field existed still resumes.
-LATER_FIELDS_AT_DEFAULT: dict[str, Any] = {"behavior_top_fraction": 1.0}
+# Config fields added after checkpoints were already written: they enter a run's fingerprint only when set away from
+# their default, so a checkpoint written before the field existed still resumes.
+LATER_FIELDS = ("behavior_top_fraction",)
 
 # Fields read by the offline_ppo stage alone (policy improvement, its regularisers, the OPE gate and the choice):
 # changing only these reuses the checkpoints of the stages before it.
@@ -320,10 +320,9 @@ class OfflinePretrainer:
         """Hash of the config (without the ``exclude`` fields, and without the fields added later while they keep
         their defaults, so that older checkpoints stay valid) and the data."""
         h = hashlib.sha256()
+        defaults = {f.name: f.default for f in dataclasses.fields(OfflineConfig) if f.name in LATER_FIELDS}
         config = {
-            k: v
-            for k, v in self.config.to_dict().items()
-            if k not in exclude and not (k in LATER_FIELDS_AT_DEFAULT and v == LATER_FIELDS_AT_DEFAULT[k])
+            k: v for k, v in self.config.to_dict().items() if k not in exclude and not (k in defaults and v == defaults[k])
         }
         h.update(json.dumps(jsonable(config), sort_keys=True).encode())
         for arr in (self.dataset.observations, self.dataset.actions, self.dataset.rewards, self.dataset.terminals):
