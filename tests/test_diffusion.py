@@ -4,6 +4,7 @@ computation, reproducible deterministic sampling, DDPM vs DDIM."""
 
 import math
 
+import numpy as np
 import pytest
 import torch
 from torch.distributions import Normal
@@ -243,7 +244,7 @@ def test_traced_deterministic_predict_gives_the_eager_action_and_follows_the_wei
         action, _ = policy.predict(obs, deterministic=True)
         assert action.shape == (batch, 2)
         assert torch.allclose(torch.as_tensor(action), torch.as_tensor(policy.unscale_action(eager(obs))), atol=1e-5)
-    assert {1, 3} <= set(policy.__dict__["_traces"])  # one trace per batch size
+    assert {("act", 1, None), ("act", 3, None)} <= set(policy.__dict__["_traces"])  # one trace per batch size
     obs = torch.randn(1, 4).numpy()
     before, _ = policy.predict(obs, deterministic=True)
     with torch.no_grad():  # an optimizer step changes the weights in place: the trace follows
@@ -259,24 +260,125 @@ def test_traced_deterministic_predict_gives_the_eager_action_and_follows_the_wei
     assert torch.allclose(torch.as_tensor(policy.predict(obs, deterministic=True)[0]), torch.as_tensor(after), atol=1e-5)
 
 
-def test_cached_step_terms_follow_in_place_weight_changes():
-    """Without autograd the per-chain step terms are reused between chains until a weight they depend on changes."""
+@pytest.mark.parametrize("deterministic", [False, True])
+def test_traced_rollout_step_gives_the_eager_chain_of_the_same_seed(deterministic):
+    """A rollout step (no autograd) runs a TorchScript trace fed with the same random draws as the eager sampler: the
+    same chain, log-densities and value for a fixed seed, also after an in-place weight change and with the frozen
+    first steps of ft_denoising_steps; with tracing off the eager path gives the same."""
+    from gymnasium import spaces
+
+    from sb3_uepo.common.policies import DiffusionPolicy
+
     torch.manual_seed(0)
-    denoiser = Denoiser(action_dim=2, cond_dim=3, hidden_sizes=(8,))
-    timesteps, cond = torch.tensor([9, 6, 3, 0]), torch.randn(5, 3)
+    obs_space, act_space = spaces.Box(-10, 10, (4,)), spaces.Box(-2, 2, (2,))
+    policy = DiffusionPolicy(
+        obs_space,
+        act_space,
+        lambda _: 1e-3,
+        net_arch=[16, 16],
+        sampler="ddim",
+        ft_denoising_steps=2,
+        exploration_std=0.05,
+        explore_frozen_steps=False,
+    )
+    policy.set_training_mode(False)
+    obs = torch.randn(3, 4)
 
-    def fresh():
-        with torch.enable_grad():  # the uncached computation
-            return [bias.detach() for _, bias in denoiser.prepare(cond, timesteps)]
+    def sample(traced: bool, seed: int):
+        policy.use_traced_predict = traced
+        torch.manual_seed(seed)
+        with torch.no_grad():
+            return policy.sample_chain_with_values(obs, deterministic=deterministic)
 
+    def reference(seed: int):  # the sampler's own eager chain and log-densities from the same seed
+        torch.manual_seed(seed)
+        with torch.no_grad():
+            x_init = policy.deterministic_noise if deterministic else None
+            chain, log_prob = policy.sampler.sample_chain_with_log_prob(
+                policy.acting_eps_fn(),
+                policy.normalize_observation(obs),
+                x_init=x_init,
+                deterministic=deterministic,
+                first_noisy_step=policy.first_noisy_step,
+            )
+            return chain, log_prob, policy.predict_values(obs)
+
+    for _ in range(2):  # the second round runs the cached trace, after a weight change it must follow
+        traced, eager, (chain, log_prob, values) = sample(True, 1), sample(False, 1), reference(1)
+        assert any(key[0] == "rollout" for key in policy.__dict__["_traces"] if isinstance(key, tuple))
+        for got in (traced, eager):
+            assert torch.allclose(got.chain, chain, atol=1e-5)
+            assert torch.allclose(got.step_log_prob, log_prob, atol=1e-5)
+            assert torch.allclose(got.values, values, atol=1e-5)
+            assert torch.allclose(got.actions, chain[:, -1].clamp(-1, 1))
+        with torch.no_grad():
+            policy.denoiser.net[-1].bias.add_(0.3)
+            policy.value_net[-1].bias.add_(1.0)
+
+
+@pytest.mark.parametrize("first_step", [0, 3])
+def test_chain_means_of_a_denoiser_equal_the_row_by_row_path(first_step):
+    """Scoring stored chains with Denoiser.steps_eps (observation term once per chain, step terms once per step) gives
+    the means, and the gradients, of the plain row-by-row denoiser call."""
+    torch.manual_seed(0)
+    denoiser = Denoiser(action_dim=2, cond_dim=3, hidden_sizes=(16, 16))
+    sampler = ChainSampler(NoiseSchedule(20), n_sampling_steps=5, sampler="ddim")
+    cond = torch.randn(6, 3)
     with torch.no_grad():
-        first = [bias for _, bias in denoiser.prepare(cond, timesteps)]
-        assert all(torch.allclose(a, b) for a, b in zip(first, fresh(), strict=True))
-        for parameter in (*denoiser.time_embed.parameters(), denoiser.net[0].weight):
-            parameter.add_(0.5)  # in place, as an optimizer step or load_state_dict
-        again = [bias for _, bias in denoiser.prepare(cond, timesteps)]
-    assert all(torch.allclose(a, b) for a, b in zip(again, fresh(), strict=True))
-    assert not any(torch.allclose(a, b) for a, b in zip(again, first, strict=True))
+        chain = sampler.sample_chain(denoiser, cond)
+
+    def means_and_grads(eps_fn):
+        denoiser.zero_grad()
+        means = sampler.chain_means(eps_fn, chain, cond, first_step)
+        means.square().sum().backward()
+        return means.detach(), [p.grad.clone() for p in denoiser.parameters()]
+
+    fast, fast_grads = means_and_grads(denoiser)
+    plain, plain_grads = means_and_grads(lambda x, k, c: denoiser(x, k, c))  # no steps_eps: the flattened path
+    assert fast.shape == (6, 5 - first_step, 2)
+    assert torch.allclose(fast, plain, atol=1e-5)
+    assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(fast_grads, plain_grads, strict=True))
+    with torch.no_grad():  # the cached step terms (no autograd) give the same
+        assert torch.allclose(sampler.chain_means(denoiser, chain, cond, first_step), plain, atol=1e-5)
+
+
+def test_acting_follows_the_policy_optimizers_steps():
+    """The policy's own optimizer (Adam, fused: it changes the weights in place without bumping Tensor._version) is
+    followed by every acting path: after a step, predict and rollout chains equal those of a fresh policy loaded with
+    the new weights."""
+    from gymnasium import spaces
+
+    from sb3_uepo.common.policies import DiffusionPolicy
+
+    torch.manual_seed(0)
+    obs_space, act_space = spaces.Box(-10, 10, (4,)), spaces.Box(-2, 2, (2,))
+    kwargs = dict(net_arch=[16, 16], sampler="ddim", ft_denoising_steps=2)
+    policy = DiffusionPolicy(obs_space, act_space, lambda _: 1e-2, **kwargs)
+    assert policy.optimizer.defaults.get("fused")
+    with torch.no_grad():  # eps near zero: unsaturated actions, so that a weight change shows
+        policy.denoiser.net[-1].weight.mul_(0.01)
+        policy.denoiser.net[-1].bias.zero_()
+        policy.load_denoiser_state(policy.denoiser.state_dict())
+    policy.set_training_mode(False)
+    obs = torch.randn(3, 4)
+    before, _ = policy.predict(obs.numpy(), deterministic=True)
+    with torch.no_grad():
+        policy.sample_chain_with_values(obs)  # builds the rollout trace
+    for _ in range(3):
+        policy.optimizer.zero_grad()
+        policy.chain_means(obs, torch.randn(3, 6, 2)).sum().backward()
+        policy.optimizer.step()
+    fresh = DiffusionPolicy(obs_space, act_space, lambda _: 1e-2, **kwargs)
+    fresh.load_state_dict(policy.state_dict())
+    fresh.set_training_mode(False)
+    after, _ = policy.predict(obs.numpy(), deterministic=True)
+    assert not np.allclose(before, after)
+    assert np.allclose(after, fresh.predict(obs.numpy(), deterministic=True)[0], atol=1e-5)
+    with torch.no_grad():
+        torch.manual_seed(3)
+        chain = policy.sample_chain_with_values(obs).chain
+        torch.manual_seed(3)
+        assert torch.allclose(chain, fresh.sample_chain_with_values(obs).chain, atol=1e-5)
 
 
 def test_exploration_std_and_noise_free_frozen_steps():

@@ -172,19 +172,30 @@ class Denoiser(nn.Module):
         w_x_t = w_x.t()
         return [(w_x_t, base + step_terms[j]) for j in range(timesteps.shape[0])]
 
+    def steps_eps(self, x: torch.Tensor, timesteps: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+        """``eps_theta`` of several steps of the same chains at once, e.g. to score stored chains: equal to
+        :meth:`forward` on the flattened rows up to float rounding, but the first layer's observation term is computed
+        once per chain and the step embedding once per step (not once per row).
+
+        :param x: (B, n, A) the chains' points
+        :param timesteps: (n,) the step index of each column
+        :param cond: (B, C) conditioning
+        :return: (B, n, A) eps
+        """
+        first = self.net[0]
+        assert isinstance(first, nn.Linear)
+        a, e = self.action_dim, self.time_embed[0].dim  # type: ignore[union-attr]
+        w_x, w_t, w_c = first.weight[:, :a], first.weight[:, a : a + e], first.weight[:, a + e :]
+        hidden = F.linear(x, w_x) + F.linear(cond, w_c, first.bias).unsqueeze(1) + self._step_terms(timesteps, w_t)
+        for layer in list(self.net)[1:]:
+            hidden = layer.forward(hidden)
+        return hidden
+
     def _step_terms(self, timesteps: torch.Tensor, w_t: torch.Tensor) -> torch.Tensor:
-        """``W_t emb(k_j)`` of the chain's steps, (S, H). Without autograd (rollouts, ``predict``) it is kept until a
-        weight it depends on changes (PyTorch counts every in-place change of a tensor in ``_version``: optimizer
-        steps, ``load_state_dict``), so consecutive chains skip the embedding network."""
-        if torch.is_grad_enabled() or torch.jit.is_tracing():  # a trace must compute it, not bake in a constant
-            return F.linear(self.time_embed(timesteps), w_t)
-        tensors = (timesteps, self.net[0].weight, *self.time_embed.parameters())
-        key = (*((t.data_ptr(), t._version) for t in tensors), tuple(timesteps.shape))
-        cached = self.__dict__.get("_step_terms_cache")
-        if cached is None or cached[0] != key:
-            cached = (key, F.linear(self.time_embed(timesteps), w_t))
-            self.__dict__["_step_terms_cache"] = cached
-        return cached[1]
+        """``W_t emb(k_j)`` of the given steps, (S, H). Not cached between calls: an optimizer may change the weights
+        in place without any trace a cache could check (PyTorch's fused Adam leaves ``Tensor._version`` unchanged),
+        and the traced acting paths recompute it inside the trace anyway."""
+        return F.linear(self.time_embed(timesteps), w_t)
 
     def step_eps(self, x: torch.Tensor, prepared: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
         """``eps_theta(x, k_j, s)`` from :meth:`prepare`'s entry of step ``j``, calling the layers' ``forward`` directly
@@ -334,12 +345,63 @@ class ChainSampler(nn.Module):
         with_log_prob: bool,
         first_noisy_step: int = 0,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        x, noise = self.draw_noise(eps_fn, cond, x_init, deterministic, generator, first_noisy_step)
+        return self.chain_from_noise(eps_fn, cond, x, noise, with_log_prob)
+
+    def noisy_steps(self, deterministic: bool, first_noisy_step: int = 0) -> list[int]:
+        """The sampling steps that add exploration noise: none when ``deterministic``, else ``first_noisy_step .. S - 1``."""
+        return [] if deterministic else list(range(first_noisy_step, self.n_sampling_steps))
+
+    def draw_noise(
+        self,
+        eps_fn: EpsFn,
+        cond: torch.Tensor,
+        x_init: torch.Tensor | None,
+        deterministic: bool,
+        generator: torch.Generator | None = None,
+        first_noisy_step: int = 0,
+    ) -> tuple[torch.Tensor, list[torch.Tensor | None]]:
+        """Every random draw of one batch of chains, in the order :meth:`sample_chain` has always made them (the
+        initial noise, then one clipped ``N(0, I)`` per noisy step), so that :meth:`chain_from_noise` (or a trace of it)
+        gives the chains of the same seed.
+
+        :return: (B, A) initial noise and, per sampling step, its (B, A) clipped noise or None (the step takes its mean)
+        """
         batch = cond.shape[0]
         action_dim = self._action_dim(eps_fn, x_init)
         if x_init is None:
             x = torch.randn(batch, action_dim, device=cond.device, generator=generator)
         else:
             x = x_init.expand(batch, action_dim).to(cond.device)
+        noisy = set(self.noisy_steps(deterministic, first_noisy_step))
+        noise: list[torch.Tensor | None] = [
+            (
+                torch.randn(batch, action_dim, device=cond.device, generator=generator).clamp(
+                    -self.noise_clip, self.noise_clip
+                )
+                if j in noisy
+                else None
+            )
+            for j in range(self.n_sampling_steps)
+        ]
+        return x, noise
+
+    def chain_from_noise(
+        self,
+        eps_fn: EpsFn,
+        cond: torch.Tensor,
+        x: torch.Tensor,
+        noise: list[torch.Tensor | None],
+        with_log_prob: bool = True,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The chains (and per-step log-densities) of given draws (:meth:`draw_noise`): a pure function of its inputs.
+
+        :param x: (B, A) initial noise
+        :param noise: per sampling step, (B, A) clipped standard-normal noise, or None for a step that takes its mean
+        :return: (B, S + 1, A) chain and (B, S) per-step log-densities summed over action dims (None unless
+            ``with_log_prob``)
+        """
+        batch = cond.shape[0]
         chain = [x]
         log_probs = []
         # a denoiser that can precompute its per-chain terms (Denoiser.prepare) runs only W_x x per step
@@ -350,12 +412,8 @@ class ChainSampler(nn.Module):
             else:
                 eps = eps_fn(x, self.timesteps[j].expand(batch), cond)
             mean = self._sampling_step_mean(x, j, eps)
-            z: torch.Tensor | None = None
-            if deterministic or j < first_noisy_step:
-                x = mean
-            else:
-                z = torch.randn(mean.shape, device=mean.device, generator=generator).clamp(-self.noise_clip, self.noise_clip)
-                x = mean + self._step_std_values[j] * z
+            z = noise[j]
+            x = mean if z is None else mean + self._step_std_values[j] * z
             chain.append(x)
             if with_log_prob:  # log N(x; mean, sigma_j^2) with (x - mean) / sigma_j = z, summed over dims
                 log_norm = mean.shape[-1] * (math.log(self._step_std_values[j]) + 0.5 * math.log(2 * math.pi))
@@ -385,10 +443,14 @@ class ChainSampler(nn.Module):
         """
         batch, n_plus_one, action_dim = chain.shape
         n_steps = n_plus_one - 1 - first_step
-        x = chain[:, first_step:-1].reshape(batch * n_steps, action_dim)
         step = torch.arange(first_step, first_step + n_steps, device=chain.device).repeat(batch)
-        cond_rep = cond.repeat_interleave(n_steps, dim=0)
-        eps = eps_fn(x, self.timesteps[step], cond_rep)
+        if hasattr(eps_fn, "steps_eps"):  # Denoiser: per-chain and per-step terms once (Denoiser.steps_eps)
+            eps = eps_fn.steps_eps(chain[:, first_step:-1], self.timesteps[first_step:], cond)  # type: ignore[attr-defined]
+            eps = eps.reshape(batch * n_steps, action_dim)
+            x = chain[:, first_step:-1].reshape(batch * n_steps, action_dim)
+        else:
+            x = chain[:, first_step:-1].reshape(batch * n_steps, action_dim)
+            eps = eps_fn(x, self.timesteps[step], cond.repeat_interleave(n_steps, dim=0))
         return self.step_mean(x, step, eps).reshape(batch, n_steps, action_dim)
 
     def chain_log_prob(self, eps_fn: EpsFn, chain: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:

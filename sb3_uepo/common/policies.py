@@ -95,7 +95,8 @@ class DiffusionPolicy(BasePolicy):
     :param use_sde: not supported (must stay False); accepted because SB3's on-policy algorithms pass it
     :param normalize_images: unused (flat observations only); accepted for SB3 compatibility
     :param optimizer_class: optimizer class
-    :param optimizer_kwargs: optimizer keyword arguments besides the learning rate (Adam: ``eps=1e-5`` as SB3)
+    :param optimizer_kwargs: optimizer keyword arguments besides the learning rate (Adam: ``eps=1e-5`` as SB3, and
+        ``fused=True``)
     """
 
     obs_mean: th.Tensor
@@ -147,7 +148,8 @@ class DiffusionPolicy(BasePolicy):
         if exploration_std is not None and exploration_std <= 0:
             raise ValueError(f"exploration_std must be > 0 (or None: min_std), got {exploration_std}")
         if optimizer_kwargs is None:
-            optimizer_kwargs = {"eps": 1e-5} if optimizer_class == th.optim.Adam else {}
+            # SB3's eps; the fused Adam (one kernel per tensor, also on CPU) is PyTorch's same update at less overhead
+            optimizer_kwargs = {"eps": 1e-5, "fused": True} if optimizer_class == th.optim.Adam else {}
         super().__init__(
             observation_space,
             action_space,
@@ -362,19 +364,26 @@ class DiffusionPolicy(BasePolicy):
     def sample_chain_with_values(self, obs: th.Tensor, deterministic: bool = False) -> ChainSample:
         """One rollout step: chain, action, value and (per-step) log-probabilities, for the rollout buffer.
 
+        Without autograd the chain and value run through a TorchScript trace (per batch size and noise pattern) of the
+        same computation, fed with the same random draws: the same chain as the eager path up to float rounding.
+
         :param obs: (B, O) raw observations
         :param deterministic: see :meth:`sample_chain`
         :return: :class:`~sb3_uepo.common.type_aliases.ChainSample`
         """
-        cond = self.normalize_observation(obs)
         x_init = self.deterministic_noise if deterministic or self.initial_noise == "seed" else None
-        # log-densities from the drawn noise: no second denoiser pass (equal to sampler.chain_log_prob up to rounding)
-        chain, step_log_prob = self.sampler.sample_chain_with_log_prob(
-            self.acting_eps_fn(), cond, x_init=x_init, deterministic=deterministic, first_noisy_step=self.first_noisy_step
+        noisy_steps = tuple(self.sampler.noisy_steps(deterministic, self.first_noisy_step))
+        # every random draw first (the order sample_chain makes them), then a pure function of the draws
+        x, noise = self.sampler.draw_noise(
+            self.acting_eps_fn(), obs, x_init, deterministic, first_noisy_step=self.first_noisy_step
         )
+        draws = tuple(z for z in noise if z is not None)
+        module = _ChainWithValue(self, noisy_steps)
+        traced = self._trace("rollout", module, (obs.float(), x, *draws)) if not th.is_grad_enabled() else None
+        chain, step_log_prob, values = (traced or module)(obs.float(), x, *draws)
         return ChainSample(
             actions=chain[:, -1].clamp(-1.0, 1.0),
-            values=self.value_net(cond),
+            values=values,
             log_prob=step_log_prob.sum(-1),
             chain=chain,
             step_log_prob=step_log_prob,
@@ -391,7 +400,7 @@ class DiffusionPolicy(BasePolicy):
     def _predict(self, observation: PyTorchObs, deterministic: bool = False) -> th.Tensor:
         assert isinstance(observation, th.Tensor)
         if deterministic and not th.is_grad_enabled():
-            traced = self._traced_actor(observation)
+            traced = self._trace("act", _DeterministicActor(self), (observation,))
             if traced is not None:
                 return traced(observation)
         return self._deterministic_or_sampled_action(observation, deterministic)
@@ -399,35 +408,43 @@ class DiffusionPolicy(BasePolicy):
     def _deterministic_or_sampled_action(self, observation: th.Tensor, deterministic: bool) -> th.Tensor:
         return self.sample_chain(observation, deterministic=deterministic)[:, -1].clamp(-1.0, 1.0)
 
-    def _traced_actor(self, observation: th.Tensor) -> Any:
-        """A TorchScript trace of the deterministic action for this batch size (built on first use, checked against
-        the eager action, then reused): ``predict(deterministic=True)`` at small batch is bound by Python overhead, which
-        the trace removes. The trace shares this policy's tensors, so it follows in-place weight updates; it is rebuilt
-        when a tensor was replaced (``to()``, ``load_state_dict(assign=True)``) and never saved or copied. None when
-        tracing is off (``use_traced_predict = False``) or failed for this policy."""
+    def _trace(self, kind: str, module: nn.Module, inputs: tuple[th.Tensor, ...]) -> Any:
+        """A TorchScript trace of ``module`` for these inputs' shapes (built on first use, checked against the eager
+        module, then reused): acting at small batch is bound by Python overhead, which the trace removes. One trace per
+        kind, batch size and module variant (e.g. which denoising steps draw noise). The trace shares this policy's
+        tensors, so it follows in-place weight updates (optimizer steps, ``load_state_dict``); it is rebuilt when a tensor
+        was replaced (``to()``, ``load_state_dict(assign=True)``), and never saved or copied. None when tracing is off
+        (``use_traced_predict = False``) or failed for this policy.
+
+        :param kind: what is traced (``"act"``: deterministic actions, ``"rollout"``: chain, log-densities and value)
+        :param module: the eager computation; its ``trace_key`` (if any) tells variants apart
+        :param inputs: example inputs (tensors)
+        """
         if not self.use_traced_predict:
             return None
-        tensors = tuple(t.data_ptr() for t in (*self.parameters(), *self.buffers()))
         cache = self.__dict__.setdefault("_traces", {})
-        if cache.get("tensors") != tensors:
+        slots = cache.get("slots")
+        if slots is None or not all(d.get(name) is t and (p is None or t.data_ptr() == p) for d, name, t, p in slots):
             cache.clear()
-            cache["tensors"] = tensors
-        batch = int(observation.shape[0])
-        if batch not in cache:
-            if len(cache) > 8:  # a few batch sizes are used in practice (1, n_envs, eval envs)
+            cache["slots"] = _tensor_slots(self)
+        key = (kind, int(inputs[0].shape[0]), getattr(module, "trace_key", None))
+        if key not in cache:
+            if len(cache) > 16:  # a few batch sizes are used in practice (1, n_envs, eval envs)
                 return None
-            cache[batch] = self._trace_deterministic_actor(observation)
-        return cache[batch]
+            cache[key] = self._trace_module(module, inputs)
+        return cache[key]
 
-    def _trace_deterministic_actor(self, observation: th.Tensor) -> Any:
+    def _trace_module(self, module: nn.Module, inputs: tuple[th.Tensor, ...]) -> Any:
         import warnings
 
-        actor = _DeterministicActor(self)
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")  # constant Python branches of the chain (fixed steps) are intended
-                traced = th.jit.trace(actor, observation, check_trace=False)
-            if th.allclose(traced(observation), actor(observation), atol=1e-6, rtol=1e-5):
+                traced = th.jit.trace(module, inputs, check_trace=False)
+            expected, got = module(*inputs), traced(*inputs)
+            expected = expected if isinstance(expected, tuple) else (expected,)
+            got = got if isinstance(got, tuple) else (got,)
+            if all(th.allclose(a, b, atol=1e-5, rtol=1e-5) for a, b in zip(got, expected, strict=True)):
                 return traced
         except Exception:  # any tracing failure: act eagerly
             pass
@@ -488,12 +505,39 @@ class DiffusionPolicy(BasePolicy):
 class _DeterministicActor(nn.Module):
     """``obs -> deterministic action`` of a DiffusionPolicy, as one module for ``torch.jit.trace``."""
 
+    trace_key = None
+
     def __init__(self, policy: DiffusionPolicy) -> None:
         super().__init__()
         self.policy = policy
 
     def forward(self, observation: th.Tensor) -> th.Tensor:
         return self.policy._deterministic_or_sampled_action(observation, True)
+
+
+class _ChainWithValue(nn.Module):
+    """``(obs, initial noise, the noisy steps' draws) -> (chain, per-step log-densities, value)`` of a DiffusionPolicy:
+    one rollout step as a pure function of its random draws, for ``torch.jit.trace``.
+
+    :param policy: the policy
+    :param noisy_steps: the sampling steps that draw noise (one input tensor each, in order)
+    """
+
+    def __init__(self, policy: DiffusionPolicy, noisy_steps: tuple[int, ...]) -> None:
+        super().__init__()
+        self.policy = policy
+        self.noisy_steps = noisy_steps
+        self.trace_key = noisy_steps
+
+    def forward(self, obs: th.Tensor, x: th.Tensor, *draws: th.Tensor) -> tuple[th.Tensor, th.Tensor, th.Tensor]:
+        policy = self.policy
+        cond = policy.normalize_observation(obs)
+        noise: list[th.Tensor | None] = [None] * policy.n_sampling_steps
+        for step, z in zip(self.noisy_steps, draws, strict=True):
+            noise[step] = z
+        chain, step_log_prob = policy.sampler.chain_from_noise(policy.acting_eps_fn(), cond, x, noise)
+        assert step_log_prob is not None
+        return chain, step_log_prob, policy.value_net(cond)
 
 
 class _SplitDenoiser:
@@ -527,6 +571,20 @@ class _SplitDenoiser:
             with th.no_grad():
                 return network.step_eps(x, tensor)
         return network.step_eps(x, tensor)
+
+
+def _tensor_slots(module: nn.Module) -> list[tuple[dict[str, Any], str, Any, int | None]]:
+    """Every place a tensor or submodule of ``module`` lives, as ``(dict, name, object, data_ptr or None)``: checking
+    that each dict still holds the same object at the same address tells whether a trace made of these tensors is
+    still valid, at a fraction of the cost of walking ``parameters()`` and ``buffers()``."""
+    slots: list[tuple[dict[str, Any], str, Any, int | None]] = []
+    for sub in module.modules():
+        for name, child in sub._modules.items():
+            slots.append((sub._modules, name, child, None))
+        for store in (sub._parameters, sub._buffers):
+            for name, tensor in store.items():
+                slots.append((store, name, tensor, None if tensor is None else tensor.data_ptr()))
+    return slots
 
 
 def _split_net_arch(
