@@ -289,7 +289,9 @@ def test_behaviour_model_on_the_best_episodes_only(run_pipeline, tiny_config, mo
         tiny_config(behavior_top_fraction=1.5)
 
 
-def test_a_setting_added_later_keeps_older_checkpoints_valid_at_its_default(tiny_config, tiny_dataset, monkeypatch):
+def test_a_setting_added_later_keeps_older_checkpoints_valid_at_their_value(tiny_config, tiny_dataset, monkeypatch):
+    """A config field added after checkpoints existed enters the fingerprint only away from the value those
+    checkpoints were computed with (pipeline.LATER_FIELDS), whatever the field's default is."""
     from sb3_uepo.offline.config import OfflineConfig
 
     data = tiny_dataset()
@@ -297,11 +299,15 @@ def test_a_setting_added_later_keeps_older_checkpoints_valid_at_its_default(tiny
     def fingerprint(config):
         return OfflinePretrainer(data, OBS_SPACE, ACT_SPACE, config, progress_bar=False).fingerprint
 
-    default, changed = fingerprint(tiny_config()), fingerprint(tiny_config(behavior_top_fraction=0.5))
+    legacy = {name: fingerprint(tiny_config(**{name: value})) for name, value in pipeline_module.LATER_FIELDS.items()}
+    changed = fingerprint(tiny_config(behavior_top_fraction=0.5))
     to_dict = OfflineConfig.to_dict
 
     def without_later_fields(self):  # the config as it was before these fields existed
         return {k: v for k, v in to_dict(self).items() if k not in pipeline_module.LATER_FIELDS}
 
-    monkeypatch.setattr(OfflineConfig, "to_dict", without_later_fields)
-    assert fingerprint(tiny_config()) == default != changed
+    with monkeypatch.context() as patch:
+        patch.setattr(OfflineConfig, "to_dict", without_later_fields)
+        before = fingerprint(tiny_config())
+    assert pipeline_module.LATER_FIELDS["behavior_top_fraction"] == 1.0
+    assert set(legacy.values()) == {before} and changed != before

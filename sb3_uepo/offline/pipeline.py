@@ -64,9 +64,10 @@ from sb3_uepo.offline.members import (
 from sb3_uepo.offline.offline_ppo import OfflinePolicyImprovement
 
 STAGES = ("behavior", "iql", "dynamics", "members", "offline_ppo")
-# Config fields added after checkpoints were already written: they enter a run's fingerprint only when set away from
-# their default, so a checkpoint written before the field existed still resumes.
-LATER_FIELDS = ("behavior_top_fraction",)
+# Config fields added after checkpoints were already written, with the value every checkpoint written before the field
+# existed was computed with: a field enters a run's fingerprint only away from that value, so such a checkpoint still
+# resumes, and never resumes a run that asks for another value (even if the field's default changes later).
+LATER_FIELDS: dict[str, Any] = {"behavior_top_fraction": 1.0}
 
 # Fields read by the offline_ppo stage alone (policy improvement, its regularisers, the OPE gate and the choice):
 # changing only these reuses the checkpoints of the stages before it.
@@ -318,11 +319,12 @@ class OfflinePretrainer:
     # ------------------------------------------------------------------------------------------ inputs
     def _fingerprint(self, exclude: tuple[str, ...] = ()) -> str:
         """Hash of the config (without the ``exclude`` fields, and without the fields added later while they keep
-        their defaults, so that older checkpoints stay valid) and the data."""
+        the value older checkpoints were computed with, :data:`LATER_FIELDS`) and the data."""
         h = hashlib.sha256()
-        defaults = {f.name: f.default for f in dataclasses.fields(OfflineConfig) if f.name in LATER_FIELDS}
         config = {
-            k: v for k, v in self.config.to_dict().items() if k not in exclude and not (k in defaults and v == defaults[k])
+            k: v
+            for k, v in self.config.to_dict().items()
+            if k not in exclude and not (k in LATER_FIELDS and v == LATER_FIELDS[k])
         }
         h.update(json.dumps(jsonable(config), sort_keys=True).encode())
         for arr in (self.dataset.observations, self.dataset.actions, self.dataset.rewards, self.dataset.terminals):
