@@ -311,3 +311,6 @@ def test_a_setting_added_later_keeps_older_checkpoints_valid_at_their_value(tiny
         before = fingerprint(tiny_config())
     assert pipeline_module.LATER_FIELDS["behavior_top_fraction"] == 1.0
     assert set(legacy.values()) == {before} and changed != before
+    # Gaussian members have no behaviour model: its later-added settings never change their fingerprint
+    gaussian = [fingerprint(tiny_config("quick+uni_o4", behavior_top_fraction=f)) for f in (1.0, 0.5)]
+    assert gaussian[0] == gaussian[1]

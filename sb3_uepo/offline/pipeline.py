@@ -67,7 +67,7 @@ STAGES = ("behavior", "iql", "dynamics", "members", "offline_ppo")
 # Config fields added after checkpoints were already written, with the value every checkpoint written before the field
 # existed was computed with: a field enters a run's fingerprint only away from that value, so such a checkpoint still
 # resumes, and never resumes a run that asks for another value (even if the field's default changes later).
-LATER_FIELDS: dict[str, Any] = {"behavior_top_fraction": 1.0}
+LATER_FIELDS: dict[str, Any] = {"behavior_top_fraction": 1.0}  # all behaviour-model settings: unused by Gaussian runs
 
 # Fields read by the offline_ppo stage alone (policy improvement, its regularisers, the OPE gate and the choice):
 # changing only these reuses the checkpoints of the stages before it.
@@ -321,10 +321,11 @@ class OfflinePretrainer:
         """Hash of the config (without the ``exclude`` fields, and without the fields added later while they keep
         the value older checkpoints were computed with, :data:`LATER_FIELDS`) and the data."""
         h = hashlib.sha256()
+        unused = self.config.policy_type != "diffusion"  # Gaussian members have no behaviour model: its later fields
         config = {
             k: v
             for k, v in self.config.to_dict().items()
-            if k not in exclude and not (k in LATER_FIELDS and v == LATER_FIELDS[k])
+            if k not in exclude and not (k in LATER_FIELDS and (unused or v == LATER_FIELDS[k]))
         }
         h.update(json.dumps(jsonable(config), sort_keys=True).encode())
         for arr in (self.dataset.observations, self.dataset.actions, self.dataset.rewards, self.dataset.terminals):
