@@ -34,9 +34,37 @@ def test_the_wrapper_acts_in_noise_space(policy):
     # the env receives the frozen policy's DDIM action from x_0 = noise: replay the same step on a twin env
     twin = gym.make("Pendulum-v1")
     twin.reset(seed=0)
-    assert np.allclose(env.step(noise)[0], twin.step(expected)[0])
+    obs_w, reward_w, *_ = env.step(noise)
+    obs_t, reward_t, *_ = twin.step(expected)
+    assert np.allclose(obs_w, obs_t)
+    # the agent's reward carries the noise prior: the env's reward minus noise_penalty * ||w||^2
+    assert env.noise_penalty == 2.0 and np.isclose(reward_w, reward_t - 2.0 * 0.7**2)
     with pytest.raises(ValueError, match="observations of shape"):
         NoiseSteeringWrapper(gym.make("MountainCarContinuous-v0"), policy)
+    with pytest.raises(ValueError, match="noise_penalty"):
+        NoiseSteeringWrapper(gym.make("Pendulum-v1"), policy, noise_penalty=-1.0)
+
+
+def test_the_noise_prior_leaves_the_recorded_episode_returns_alone(policy):
+    """steer() puts SB3's Monitor inside the wrapper: the episode returns it records (ep_info_buffer, evaluations) are
+    the env's own, only the agent's reward carries the prior; a steered model keeps its penalty through save/load."""
+    import tempfile
+
+    model = steer(policy, "Pendulum-v1", SAC, noise_bound=1.0, seed=0, noise_penalty=5.0, **TINY_SAC)
+    env = model.get_env()
+    env.reset()
+    total_agent, total_env = 0.0, 0.0
+    for _ in range(200):  # one Pendulum episode
+        noise = np.full((1, 1), 0.8, dtype=np.float32)
+        _, reward, done, info = env.step(noise)
+        total_agent += float(reward[0])
+        if done[0]:
+            total_env = info[0]["episode"]["r"]
+            break
+    assert np.isclose(total_agent, total_env - 200 * 5.0 * 0.8**2, rtol=1e-4)
+    with tempfile.TemporaryDirectory() as tmp:
+        model.save(f"{tmp}/steered.zip")
+        assert SteeredModel.load(f"{tmp}/steered.zip").noise_penalty == 5.0
 
 
 @pytest.mark.parametrize("agent_class", [SAC, TD3])

@@ -217,10 +217,6 @@ def build_uepo(run: Any, dataset: OfflineDataset | None) -> BaseAlgorithm:
     return _build_uepo(run, dataset, "DiffusionPolicy", run.preset)
 
 
-# Half-width of the noise space of uepo_steer (UEPO.steer's default; DSRL uses about 1.5-2.5).
-STEER_NOISE_BOUND = 2.0
-
-
 def build_uepo_steer(run: Any, dataset: OfflineDataset | None) -> BaseAlgorithm:
     """The ``uepo`` model (same offline phase); its ``algo_kwargs`` belong to the steering agent, not to UEPO."""
     import dataclasses
@@ -230,15 +226,18 @@ def build_uepo_steer(run: Any, dataset: OfflineDataset | None) -> BaseAlgorithm:
 
 def steer_online(model: BaseAlgorithm, run: Any) -> Any:
     """SB3's SAC in the noise space of the pretrained (frozen) diffusion policy, one env, rl-zoo3's SAC settings."""
+    from sb3_uepo.uepo.steering import NOISE_BOUND, NOISE_PENALTY
+
     kwargs = dict(run.algo_kwargs)
-    noise_bound = float(kwargs.pop("noise_bound", STEER_NOISE_BOUND))
+    noise_bound = float(kwargs.pop("noise_bound", NOISE_BOUND))
+    noise_penalty = float(kwargs.pop("noise_penalty", NOISE_PENALTY))
     kwargs = {
         "learning_starts": min(SAC_LEARNING_STARTS, max(run.online_steps // 10, 1)),
         "verbose": 0,
         "device": "cpu",
         **kwargs,
     }
-    return model.steer(noise_bound=noise_bound, n_envs=1, **kwargs)  # type: ignore[attr-defined]
+    return model.steer(noise_bound=noise_bound, n_envs=1, noise_penalty=noise_penalty, **kwargs)  # type: ignore[attr-defined]
 
 
 def build_uni_o4(run: Any, dataset: OfflineDataset | None) -> BaseAlgorithm:

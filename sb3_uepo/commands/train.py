@@ -159,7 +159,14 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         "learns its initial noise per state)",
     )
     train.add_argument(
-        "--noise-bound", type=float, default=2.0, metavar="B", help="steer: half-width of the noise space (default: 2.0)"
+        "--noise-bound", type=float, default=0.5, metavar="B", help="steer: half-width of the noise space (default: 0.5)"
+    )
+    train.add_argument(
+        "--noise-penalty",
+        type=float,
+        default=2.0,
+        metavar="L",
+        help="steer: the agent's reward is the env's minus L * ||noise||^2, a Gaussian prior on the noise (default: 2.0)",
     )
     train.add_argument(
         "--restart",
@@ -234,6 +241,7 @@ def validate_train_args(args: argparse.Namespace) -> tuple[dict[str, Any], dict[
         ("--eval-episodes", args.eval_episodes, 0),
         ("--checkpoint-every", args.checkpoint_every, 0),
         ("--noise-bound", args.noise_bound, 1e-6),
+        ("--noise-penalty", args.noise_penalty, 0),
     ):
         if value is not None and value < low:
             raise ValueError(f"{name} must be >= {low}, got {value}")
@@ -481,7 +489,7 @@ def _online_phase(args: argparse.Namespace, model: Any, online_steps: int, model
             print("error: --online steer needs the DiffusionPolicy", file=sys.stderr)
             return None
         _section("Online steering of the initial noise (SAC; the diffusion policy frozen)")
-        model, kwargs = model.steer(noise_bound=args.noise_bound, verbose=0), {}
+        model, kwargs = model.steer(noise_bound=args.noise_bound, noise_penalty=args.noise_penalty, verbose=0), {}
     else:
         _section("Online fine-tuning")
         kwargs = {"callback": PeriodicCheckpoint(model_path, args.checkpoint_every)}

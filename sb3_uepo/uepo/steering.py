@@ -59,19 +59,36 @@ def decode_noise(policy: DiffusionPolicy, observations: np.ndarray, noise: np.nd
     return actions[0] if single else actions
 
 
+# Defaults of the noise space (docs/algorithm.md, "Online alternative: noise-space steering", says how they were chosen)
+NOISE_BOUND = 0.5
+NOISE_PENALTY = 2.0
+
+
 class NoiseSteeringWrapper(gym.Wrapper):
     """The action is the initial noise ``w`` (a Box of half-width ``noise_bound``); the wrapped env receives the frozen
     diffusion policy's deterministic action from ``x_0 = w`` in the current state.
 
+    The agent's reward is the env's minus ``noise_penalty * ||w||^2``: up to a constant, the log-density of a Gaussian
+    prior ``N(0, I / (2 * noise_penalty))`` on the noise, so that steering leaves the pretrained policy's own action
+    (``w = 0``) only where the return pays for it. Put a ``Monitor`` inside this wrapper (``make_vec_env`` does) and the
+    episode returns it records stay the env's own.
+
     :param env: the environment the diffusion policy acts in
     :param policy: the diffusion policy (frozen here: a copy is taken)
-    :param noise_bound: ``|w_i| <= noise_bound`` (DSRL uses about 1.5-2.5)
+    :param noise_bound: ``|w_i| <= noise_bound`` (DSRL uses about 1.5-2.5 with base policies that act well from any
+        noise; ours act best near ``w = 0``)
+    :param noise_penalty: ``lambda`` of the reward term ``-lambda * ||w||^2`` (0: none)
     """
 
-    def __init__(self, env: gym.Env, policy: DiffusionPolicy, noise_bound: float = 2.0) -> None:
+    def __init__(
+        self, env: gym.Env, policy: DiffusionPolicy, noise_bound: float = NOISE_BOUND, noise_penalty: float = NOISE_PENALTY
+    ) -> None:
         super().__init__(env)
         if noise_bound <= 0:
             raise ValueError(f"noise_bound must be > 0, got {noise_bound}")
+        if noise_penalty < 0:
+            raise ValueError(f"noise_penalty must be >= 0, got {noise_penalty}")
+        self.noise_penalty = float(noise_penalty)
         if env.observation_space.shape != policy.observation_space.shape:
             raise ValueError(
                 f"the diffusion policy takes observations of shape {policy.observation_space.shape}, "
@@ -93,6 +110,8 @@ class NoiseSteeringWrapper(gym.Wrapper):
         noise = np.clip(np.asarray(action, dtype=np.float32), -self.noise_bound, self.noise_bound)
         obs, reward, terminated, truncated, info = self.env.step(decode_noise(self.policy, self._last_obs, noise))
         self._last_obs = np.asarray(obs)
+        if self.noise_penalty > 0:
+            reward = float(reward) - self.noise_penalty * float(np.sum(noise * noise))
         return obs, reward, terminated, truncated, info
 
 
@@ -105,10 +124,12 @@ class SteeredModel:
     :param policy: the frozen diffusion policy
     :param agent: the SB3 off-policy algorithm (SAC, TD3, ...) acting in the noise space
     :param noise_bound: the half-width of the noise space
+    :param noise_penalty: the prior term of the agent's reward (:class:`NoiseSteeringWrapper`)
     """
 
-    def __init__(self, policy: DiffusionPolicy, agent: Any, noise_bound: float) -> None:
+    def __init__(self, policy: DiffusionPolicy, agent: Any, noise_bound: float, noise_penalty: float = 0.0) -> None:
         self.policy, self.agent, self.noise_bound = policy, agent, float(noise_bound)
+        self.noise_penalty = float(noise_penalty)
 
     @property
     def num_timesteps(self) -> int:
@@ -142,7 +163,12 @@ class SteeredModel:
             {"state_dict": self.policy.state_dict(), "constructor": self.policy._get_constructor_parameters()},
             policy_bytes,
         )
-        meta = {"format": STEERING_FORMAT, "noise_bound": self.noise_bound, "agent_class": type(self.agent).__name__}
+        meta = {
+            "format": STEERING_FORMAT,
+            "noise_bound": self.noise_bound,
+            "noise_penalty": self.noise_penalty,
+            "agent_class": type(self.agent).__name__,
+        }
         with atomic_path(Path(path), suffix=".zip") as tmp, zipfile.ZipFile(tmp, "w") as archive:
             archive.writestr("steering.json", json.dumps(meta))
             archive.writestr("agent.zip", agent_bytes.getvalue())
@@ -169,17 +195,18 @@ class SteeredModel:
         policy.load_state_dict(payload["state_dict"])
         agent_class = agent_class or getattr(stable_baselines3, meta["agent_class"])
         agent = agent_class.load(io.BytesIO(agent_bytes), env=env)
-        return cls(frozen_policy(policy), agent, meta["noise_bound"])
+        return cls(frozen_policy(policy), agent, meta["noise_bound"], meta.get("noise_penalty", 0.0))
 
 
 def steer(
     policy: DiffusionPolicy,
     env_id: str,
     agent_class: Any = None,
-    noise_bound: float = 2.0,
+    noise_bound: float = NOISE_BOUND,
     n_envs: int = 1,
     seed: int | None = None,
     start_at_zero_noise: bool = True,
+    noise_penalty: float = NOISE_PENALTY,
     **agent_kwargs: Any,
 ) -> SteeredModel:
     """Build a :class:`SteeredModel`: ``agent_class`` (default SB3's SAC) in the noise space of a frozen copy of
@@ -193,6 +220,7 @@ def steer(
     :param seed: seed of the agent and envs
     :param start_at_zero_noise: zero the agent's mean head (:func:`zero_actor_output`), so that steering starts at the
         pretrained policy's deterministic action (``x_0 = 0``)
+    :param noise_penalty: ``lambda`` of the agent's reward term ``-lambda * ||w||^2`` (:class:`NoiseSteeringWrapper`)
     :param agent_kwargs: keyword arguments of the agent (``learning_starts``, ``buffer_size``, ...)
     """
     from stable_baselines3 import SAC
@@ -204,12 +232,12 @@ def steer(
         n_envs=n_envs,
         seed=seed,
         wrapper_class=NoiseSteeringWrapper,
-        wrapper_kwargs=dict(policy=frozen, noise_bound=noise_bound),
+        wrapper_kwargs=dict(policy=frozen, noise_bound=noise_bound, noise_penalty=noise_penalty),
     )
     agent = (agent_class or SAC)("MlpPolicy", env, seed=seed, **agent_kwargs)
     if start_at_zero_noise:
         zero_actor_output(agent)
-    return SteeredModel(frozen, agent, noise_bound)
+    return SteeredModel(frozen, agent, noise_bound, noise_penalty)
 
 
 def zero_actor_output(agent: Any) -> bool:
