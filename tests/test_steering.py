@@ -38,7 +38,7 @@ def test_the_wrapper_acts_in_noise_space(policy):
     obs_t, reward_t, *_ = twin.step(expected)
     assert np.allclose(obs_w, obs_t)
     # the agent's reward carries the noise prior: the env's reward minus noise_penalty * ||w||^2
-    assert env.noise_penalty == 2.0 and np.isclose(reward_w, reward_t - 2.0 * 0.7**2)
+    assert env.noise_penalty == 5.0 and np.isclose(reward_w, reward_t - 5.0 * 0.7**2)
     with pytest.raises(ValueError, match="observations of shape"):
         NoiseSteeringWrapper(gym.make("MountainCarContinuous-v0"), policy)
     with pytest.raises(ValueError, match="noise_penalty"):

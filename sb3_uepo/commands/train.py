@@ -164,9 +164,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     train.add_argument(
         "--noise-penalty",
         type=float,
-        default=2.0,
+        default=5.0,
         metavar="L",
-        help="steer: the agent's reward is the env's minus L * ||noise||^2, a Gaussian prior on the noise (default: 2.0)",
+        help="steer: the agent's reward is the env's minus L * ||noise||^2, a Gaussian prior on the noise (default: 5.0)",
     )
     train.add_argument(
         "--restart",

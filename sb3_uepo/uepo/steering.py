@@ -61,7 +61,7 @@ def decode_noise(policy: DiffusionPolicy, observations: np.ndarray, noise: np.nd
 
 # Defaults of the noise space (docs/algorithm.md, "Online alternative: noise-space steering", says how they were chosen)
 NOISE_BOUND = 0.5
-NOISE_PENALTY = 2.0
+NOISE_PENALTY = 5.0
 
 
 class NoiseSteeringWrapper(gym.Wrapper):
