@@ -226,7 +226,7 @@ def build_uepo_steer(run: Any, dataset: OfflineDataset | None) -> BaseAlgorithm:
 
 def steer_online(model: BaseAlgorithm, run: Any) -> Any:
     """SB3's SAC in the noise space of the pretrained (frozen) diffusion policy, one env, rl-zoo3's SAC settings."""
-    from sb3_uepo.uepo.steering import NOISE_BOUND, NOISE_PENALTY
+    from sb3_uepo.uepo.defaults import NOISE_BOUND, NOISE_PENALTY
 
     kwargs = dict(run.algo_kwargs)
     noise_bound = float(kwargs.pop("noise_bound", NOISE_BOUND))

@@ -22,7 +22,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from sb3_uepo.uepo.defaults import DEFAULT_N_ENVS, fine_tuning_defaults
+from sb3_uepo.uepo.defaults import DEFAULT_N_ENVS, NOISE_BOUND, NOISE_PENALTY, fine_tuning_defaults
 
 # Online env steps of `uepo train` when --online-steps is not given, by budget preset. `quick` is the main job: with
 # the quick offline pretraining it must finish in < 15 min on a 2-core CPU (measured: docs/benchmarks.md, "Main job").
@@ -159,14 +159,19 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         "learns its initial noise per state)",
     )
     train.add_argument(
-        "--noise-bound", type=float, default=0.5, metavar="B", help="steer: half-width of the noise space (default: 0.5)"
+        "--noise-bound",
+        type=float,
+        default=NOISE_BOUND,
+        metavar="B",
+        help=f"steer: half-width of the noise space (default: {NOISE_BOUND})",
     )
     train.add_argument(
         "--noise-penalty",
         type=float,
-        default=5.0,
+        default=NOISE_PENALTY,
         metavar="L",
-        help="steer: the agent's reward is the env's minus L * ||noise||^2, a Gaussian prior on the noise (default: 5.0)",
+        help=f"steer: the agent's reward is the env's minus L * ||noise||^2, a Gaussian prior on the noise "
+        f"(default: {NOISE_PENALTY})",
     )
     train.add_argument(
         "--restart",

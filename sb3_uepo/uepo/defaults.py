@@ -1,8 +1,8 @@
 """UEPO's constructor defaults that follow the situation, the SB3 way of ``"auto"`` values.
 
 Owns: :data:`FINE_TUNING_DEFAULTS` (the online settings when UEPO starts from an offline policy), :data:`PPO_DEFAULTS`
-(SB3 PPO's from-scratch settings, used without a dataset) and :func:`resolve_auto_arguments`, which the constructor
-calls. ``uepo train``, ``uepo bench`` and ``zoo_configs/uepo.yml`` use the same values.
+(SB3 PPO's from-scratch settings, used without a dataset), the steering defaults :data:`NOISE_BOUND` and
+:data:`NOISE_PENALTY`, and :func:`resolve_auto_arguments`, which the constructor calls. ``uepo train``, ``uepo bench`` and ``zoo_configs/uepo.yml`` use the same values.
 Must not touch: the algorithm (``uepo.py``), the offline settings (``sb3_uepo/offline`` presets).
 
 Why two sets: PPO's from-scratch settings (lr 3e-4, clip 0.2, no KL, no value warm-up) wreck a pretrained policy in a
@@ -49,6 +49,12 @@ FINE_TUNING_DIFFUSION_POLICY_KWARGS: dict[str, Any] = {
     "exploration_std": 0.05,
     "explore_frozen_steps": False,
 }
+
+# Noise-space steering (`UEPO.steer`, `uepo train --online steer`, `uepo_steer`): the noise box |w_i| <= NOISE_BOUND and
+# the prior term -NOISE_PENALTY * ||w||^2 of the agent's reward (docs/algorithm.md and docs/benchmarks.md say how they
+# were chosen: the 50k-step bench on Hopper and Walker2d medium, 3 seeds).
+NOISE_BOUND = 0.5
+NOISE_PENALTY = 5.0
 
 # MlpPolicy (the Uni-O4 baseline): the same 10x critic learning rate (Uni-O4's critic 2e-4 vs actor 2e-5).
 FINE_TUNING_MLP_POLICY_KWARGS: dict[str, Any] = {"value_lr_scale": 10.0}

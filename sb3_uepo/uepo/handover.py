@@ -28,6 +28,7 @@ from torch import nn
 
 from sb3_uepo.common.policies import DiffusionPolicy
 from sb3_uepo.offline.config import activation_class, activation_name
+from sb3_uepo.uepo.defaults import NOISE_BOUND, NOISE_PENALTY
 from sb3_uepo.uepo.reward_scaling import scale_value_head
 
 
@@ -303,23 +304,23 @@ class OfflineHandoverMixin:
     def steer(
         self,
         agent_class: Any = None,
-        noise_bound: float | None = None,
+        noise_bound: float = NOISE_BOUND,
         n_envs: int = 1,
-        noise_penalty: float | None = None,
+        noise_penalty: float = NOISE_PENALTY,
         **agent_kwargs: Any,
     ) -> Any:
         """Noise-space steering (DSRL): an SB3 off-policy agent (default SAC) learns which initial noise to give a
         FROZEN copy of this model's diffusion policy in each state. Pretrains first when a dataset was given.
 
         :param agent_class: SB3 off-policy algorithm class (default ``stable_baselines3.SAC``)
-        :param noise_bound: half-width of the noise action space (None: ``steering.NOISE_BOUND``)
+        :param noise_bound: half-width of the noise action space
         :param n_envs: environments of the agent
         :param noise_penalty: ``lambda`` of the agent's reward term ``-lambda * ||w||^2``, a Gaussian prior on the noise
-            (None: ``steering.NOISE_PENALTY``; 0: none)
+            (0: none)
         :param agent_kwargs: keyword arguments of the agent
         :return: a :class:`~sb3_uepo.uepo.steering.SteeredModel`; call ``.learn(steps)``, ``.predict``, ``.save``
         """
-        from sb3_uepo.uepo.steering import NOISE_BOUND, NOISE_PENALTY, steer
+        from sb3_uepo.uepo.steering import steer
 
         if not isinstance(self.policy, DiffusionPolicy):
             raise ValueError("steering needs a DiffusionPolicy (it steers the initial noise of the denoising chain)")
@@ -327,9 +328,9 @@ class OfflineHandoverMixin:
         if env_id is None:
             raise ValueError("steering needs the model's environment id: build UEPO with a registered env")
         self._maybe_pretrain()
-        bound = NOISE_BOUND if noise_bound is None else noise_bound
-        penalty = NOISE_PENALTY if noise_penalty is None else noise_penalty
-        return steer(self.policy, env_id, agent_class, bound, n_envs, self.seed, noise_penalty=penalty, **agent_kwargs)
+        return steer(
+            self.policy, env_id, agent_class, noise_bound, n_envs, self.seed, noise_penalty=noise_penalty, **agent_kwargs
+        )
 
     def set_reference_policy(self, policy_state: dict[str, th.Tensor] | None = None) -> None:
         """Freeze a copy of the current policy (or of ``policy_state``, a full policy ``state_dict``) as the

@@ -29,6 +29,7 @@ from gymnasium import spaces
 
 from sb3_uepo.common.io import atomic_path
 from sb3_uepo.common.policies import DiffusionPolicy
+from sb3_uepo.uepo.defaults import NOISE_BOUND, NOISE_PENALTY
 
 STEERING_FORMAT = 1
 
@@ -57,11 +58,6 @@ def decode_noise(policy: DiffusionPolicy, observations: np.ndarray, noise: np.nd
     chain = policy.sampler.sample_chain(policy.acting_eps_fn(), cond, x_init=noise_t, deterministic=True)
     actions = policy.unscale_action(chain[:, -1].clamp(-1.0, 1.0).numpy())
     return actions[0] if single else actions
-
-
-# Defaults of the noise space (docs/algorithm.md, "Online alternative: noise-space steering", says how they were chosen)
-NOISE_BOUND = 0.5
-NOISE_PENALTY = 5.0
 
 
 class NoiseSteeringWrapper(gym.Wrapper):
