@@ -2,7 +2,8 @@
 
 Owns: :data:`FINE_TUNING_DEFAULTS` (the online settings when UEPO starts from an offline policy), :data:`PPO_DEFAULTS`
 (SB3 PPO's from-scratch settings, used without a dataset), the steering defaults :data:`NOISE_BOUND` and
-:data:`NOISE_PENALTY`, and :func:`resolve_auto_arguments`, which the constructor calls. ``uepo train``, ``uepo bench`` and ``zoo_configs/uepo.yml`` use the same values.
+:data:`NOISE_PENALTY`, and :func:`resolve_auto_arguments`, which the constructor calls. ``uepo train``, ``uepo bench``
+and ``zoo_configs/uepo.yml`` use the same values.
 Must not touch: the algorithm (``uepo.py``), the offline settings (``sb3_uepo/offline`` presets).
 
 Why two sets: PPO's from-scratch settings (lr 3e-4, clip 0.2, no KL, no value warm-up) wreck a pretrained policy in a
