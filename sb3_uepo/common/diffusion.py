@@ -163,12 +163,7 @@ class Denoiser(nn.Module):
         :param timesteps: (S,) the chain's step indices
         :return: per step, ``(W_x, (B, H) bias)`` for :meth:`step_eps`
         """
-        first = self.net[0]
-        assert isinstance(first, nn.Linear)
-        a, e = self.action_dim, self.time_embed[0].dim  # type: ignore[union-attr]
-        w_x, w_t, w_c = first.weight[:, :a], first.weight[:, a : a + e], first.weight[:, a + e :]
-        base = F.linear(cond, w_c, first.bias)  # (B, H)
-        step_terms = self._step_terms(timesteps, w_t)  # (S, H)
+        w_x, base, step_terms = self._first_layer_terms(cond, timesteps)
         w_x_t = w_x.t()
         return [(w_x_t, base + step_terms[j]) for j in range(timesteps.shape[0])]
 
@@ -182,26 +177,30 @@ class Denoiser(nn.Module):
         :param cond: (B, C) conditioning
         :return: (B, n, A) eps
         """
-        first = self.net[0]
-        assert isinstance(first, nn.Linear)
-        a, e = self.action_dim, self.time_embed[0].dim  # type: ignore[union-attr]
-        w_x, w_t, w_c = first.weight[:, :a], first.weight[:, a : a + e], first.weight[:, a + e :]
-        hidden = F.linear(x, w_x) + F.linear(cond, w_c, first.bias).unsqueeze(1) + self._step_terms(timesteps, w_t)
-        for layer in list(self.net)[1:]:
-            hidden = layer.forward(hidden)
-        return hidden
-
-    def _step_terms(self, timesteps: torch.Tensor, w_t: torch.Tensor) -> torch.Tensor:
-        """``W_t emb(k_j)`` of the given steps, (S, H). Not cached between calls: an optimizer may change the weights
-        in place without any trace a cache could check (PyTorch's fused Adam leaves ``Tensor._version`` unchanged),
-        and the traced acting paths recompute it inside the trace anyway."""
-        return F.linear(self.time_embed(timesteps), w_t)
+        w_x, base, step_terms = self._first_layer_terms(cond, timesteps)
+        return self._after_first_layer(F.linear(x, w_x) + base.unsqueeze(1) + step_terms)
 
     def step_eps(self, x: torch.Tensor, prepared: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
         """``eps_theta(x, k_j, s)`` from :meth:`prepare`'s entry of step ``j``, calling the layers' ``forward`` directly
         (no module dispatch per layer); equal to :meth:`forward` up to float rounding."""
         w_x_t, bias = prepared
-        hidden = torch.addmm(bias, x, w_x_t)
+        return self._after_first_layer(torch.addmm(bias, x, w_x_t))
+
+    def _first_layer_terms(
+        self, cond: torch.Tensor, timesteps: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The first layer split by its inputs ``[x, emb(k), s]``: ``W_x`` (H, A), the observation term ``W_c s + b``
+        (B, H) and the step terms ``W_t emb(k_j)`` (S, H). Not cached between calls: an optimizer may change the weights
+        in place without any trace a cache could check (PyTorch's fused Adam leaves ``Tensor._version`` unchanged), and
+        the traced acting paths recompute them inside the trace anyway."""
+        first = self.net[0]
+        assert isinstance(first, nn.Linear)
+        a, e = self.action_dim, self.time_embed[0].dim  # type: ignore[union-attr]
+        w_x, w_t, w_c = first.weight[:, :a], first.weight[:, a : a + e], first.weight[:, a + e :]
+        return w_x, F.linear(cond, w_c, first.bias), F.linear(self.time_embed(timesteps), w_t)
+
+    def _after_first_layer(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The layers after the first, through their ``forward`` directly (no module dispatch per layer)."""
         for layer in list(self.net)[1:]:
             hidden = layer.forward(hidden)
         return hidden
