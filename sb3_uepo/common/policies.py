@@ -374,8 +374,8 @@ class DiffusionPolicy(BasePolicy):
         x_init = self.deterministic_noise if deterministic or self.initial_noise == "seed" else None
         noisy_steps = tuple(self.sampler.noisy_steps(deterministic, self.first_noisy_step))
         # every random draw first (the order sample_chain makes them), then a pure function of the draws
-        x, noise = self.sampler.draw_noise(
-            self.acting_eps_fn(), obs, x_init, deterministic, first_noisy_step=self.first_noisy_step
+        x, noise = self.sampler.draw_noise(  # the denoiser only tells the action dimension here
+            self.denoiser, obs, x_init, deterministic, first_noisy_step=self.first_noisy_step
         )
         draws = tuple(z for z in noise if z is not None)
         module = _ChainWithValue(self, noisy_steps)
