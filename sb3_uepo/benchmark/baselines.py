@@ -102,12 +102,35 @@ def make_train_env(env_id: str, n_envs: int, seed: int, vec_normalize: dict[str,
 
 # --- SB3 baselines -----------------------------------------------------------------------------------------------
 
+SCHEDULE_KEYS = ("learning_rate", "clip_range")
+
+
+def with_schedules(kwargs: dict[str, Any]) -> dict[str, Any]:
+    """rl-zoo3's schedule strings in ``--algo-kwargs``: ``learning_rate="lin_1e-4"`` (or ``clip_range``) becomes a
+    linear decay from 1e-4 to 0 over the run (SB3's :class:`~stable_baselines3.common.utils.LinearSchedule`).
+
+    :param kwargs: constructor arguments; other values are returned unchanged
+    :return: a copy with the schedule strings replaced
+    """
+    from stable_baselines3.common.utils import LinearSchedule
+
+    resolved = dict(kwargs)
+    for key in SCHEDULE_KEYS:
+        value = resolved.get(key)
+        if isinstance(value, str) and value.startswith("lin_"):
+            try:
+                start = float(value[len("lin_") :])
+            except ValueError:
+                raise ValueError(f"{key}={value!r}: expected lin_<float>, e.g. lin_1e-4") from None
+            resolved[key] = LinearSchedule(start, 0.0, 1.0)
+    return resolved
+
 
 def build_ppo(run: Any, dataset: OfflineDataset | None) -> BaseAlgorithm:
     from stable_baselines3 import PPO
 
     env = make_train_env(run.env_id, run.n_envs or 1, run.seed, vec_normalize={"gamma": 0.99})
-    kwargs = {"verbose": 0, "device": "cpu", **run.algo_kwargs}
+    kwargs = {"verbose": 0, "device": "cpu", **with_schedules(run.algo_kwargs)}
     return PPO("MlpPolicy", env, seed=run.seed, **kwargs)
 
 
@@ -119,7 +142,7 @@ def build_sac(run: Any, dataset: OfflineDataset | None) -> BaseAlgorithm:
         "learning_starts": min(SAC_LEARNING_STARTS, max(run.online_steps // 10, 1)),
         "verbose": 0,
         "device": "cpu",
-        **run.algo_kwargs,
+        **with_schedules(run.algo_kwargs),
     }
     return SAC("MlpPolicy", env, seed=run.seed, **kwargs)
 
@@ -135,7 +158,7 @@ def build_ppo_bc(run: Any, dataset: OfflineDataset | None) -> BaseAlgorithm:
     frozen.var = np.square(stats.obs_std).astype(np.float64)
     frozen.count = float(stats.n_transitions)
     env.obs_rms = frozen  # type: ignore[attr-defined]
-    kwargs = {"verbose": 0, "device": "cpu", **run.algo_kwargs}
+    kwargs = {"verbose": 0, "device": "cpu", **with_schedules(run.algo_kwargs)}
     return PPO("MlpPolicy", env, seed=run.seed, **kwargs)
 
 
@@ -207,7 +230,7 @@ def _build_uepo(run: Any, dataset: OfflineDataset | None, policy: str, preset: s
     uepo = _uepo_class()
     n_envs = run.n_envs or DEFAULT_N_ENVS
     env = make_vec_env(run.env_id, n_envs=n_envs, seed=run.seed)
-    kwargs = {**fine_tuning_defaults(policy, n_envs), "verbose": 0, "device": "cpu", **run.algo_kwargs}
+    kwargs = {**fine_tuning_defaults(policy, n_envs), "verbose": 0, "device": "cpu", **with_schedules(run.algo_kwargs)}
     if run.offline_kwargs:
         kwargs["offline_kwargs"] = dict(run.offline_kwargs)
     return uepo(policy, env, dataset=dataset, preset=preset, seed=run.seed, **kwargs)
@@ -228,7 +251,7 @@ def steer_online(model: BaseAlgorithm, run: Any) -> Any:
     """SB3's SAC in the noise space of the pretrained (frozen) diffusion policy, one env, rl-zoo3's SAC settings."""
     from sb3_uepo.uepo.defaults import NOISE_BOUND, NOISE_PENALTY
 
-    kwargs = dict(run.algo_kwargs)
+    kwargs = with_schedules(run.algo_kwargs)
     noise_bound = float(kwargs.pop("noise_bound", NOISE_BOUND))
     noise_penalty = float(kwargs.pop("noise_penalty", NOISE_PENALTY))
     kwargs = {

@@ -99,6 +99,54 @@ class NoiseSchedule(nn.Module):
 
 
 # ---------------------------------------------------------------------------------------------- network
+class _MishFunction(torch.autograd.Function):
+    """Mish with one exponential: ``tanh(softplus(x)) = n / (n + 2)`` with ``n = e^x (e^x + 2)``, and the derivative
+    ``t + x (1 - t^2) sigmoid(x)`` from the saved ``t``. Equal to ``F.mish`` and its backward up to float rounding
+    (``tests/test_diffusion.py``), about twice as fast forward and backward on training batches here than PyTorch's
+    CPU kernel (which evaluates softplus, tanh and sigmoid again in the backward). Returns ``t`` as a second,
+    non-differentiable output because ``torch.func`` (the members' ``vmap``) only lets a function save its inputs
+    and outputs."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:  # type: ignore[override]
+        e = x.clamp(max=20.0).exp_()  # tanh(softplus(x)) is 1 in float32 beyond 20
+        n = (e + 2.0).mul_(e)
+        t = n / (n + 2.0)
+        return x * t, t
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:  # type: ignore[no-untyped-def, override]
+        (x,) = inputs
+        _, t = output
+        ctx.save_for_backward(x, t)
+        ctx.mark_non_differentiable(t)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor, _grad_t: torch.Tensor) -> torch.Tensor:  # type: ignore[no-untyped-def, override]
+        x, t = ctx.saved_tensors
+        derivative = (1.0 - t * t).mul_(torch.sigmoid(x)).mul_(x).add_(t)
+        return grad * derivative
+
+
+class Mish(nn.Mish):
+    """``nn.Mish`` whose training pass (autograd on) runs :class:`_MishFunction`; without autograd, and inside
+    TorchScript traces, it is PyTorch's own kernel (faster at the small batches of acting). Same module otherwise (no
+    parameters, same ``state_dict``); the denoiser uses it whenever it is asked for ``nn.Mish``."""
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        # not ``input.requires_grad``: inside the members' vmap a batched tensor reports False
+        if torch.is_grad_enabled() and not torch.jit.is_tracing():
+            return _MishFunction.apply(input)[0]
+        return F.mish(input)
+
+
+def _activation(activation_fn: type[nn.Module]) -> nn.Module:
+    """An instance of ``activation_fn``, with :class:`Mish` standing in for ``nn.Mish``."""
+    return Mish() if activation_fn is nn.Mish else activation_fn()
+
+
 class SinusoidalEmbedding(nn.Module):
     """Transformer-style sinusoidal embedding of integer diffusion steps."""
 
@@ -137,13 +185,13 @@ class Denoiser(nn.Module):
         self.time_embed = nn.Sequential(
             SinusoidalEmbedding(time_embed_dim),
             nn.Linear(time_embed_dim, 2 * time_embed_dim),
-            activation_fn(),
+            _activation(activation_fn),
             nn.Linear(2 * time_embed_dim, time_embed_dim),
         )
         layers: list[nn.Module] = []
         in_dim = action_dim + time_embed_dim + cond_dim
         for width in hidden_sizes:
-            layers += [nn.Linear(in_dim, width), activation_fn()]
+            layers += [nn.Linear(in_dim, width), _activation(activation_fn)]
             in_dim = width
         layers.append(nn.Linear(in_dim, action_dim))
         self.net = nn.Sequential(*layers)
