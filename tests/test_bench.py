@@ -263,3 +263,16 @@ def test_bench_on_a_local_ray_instance_writes_the_same_results(tmp_path, capsys)
     assert "2 runs: 2 already finished (skipped), 0 to run" in capsys.readouterr().out
     assert main([*args, "--address", "auto"]) == 2  # --address without --backend ray
     assert "--backend ray" in capsys.readouterr().err
+
+
+def test_algo_kwargs_schedule_strings_become_linear_schedules():
+    from sb3_uepo.benchmark.baselines import with_schedules
+    from sb3_uepo.commands.bench import parse_algo_kwargs
+
+    kwargs = parse_algo_kwargs(["uepo.learning_rate=lin_1e-4", "uepo.clip_range=lin_0.1", "uepo.n_epochs=3"])["uepo"]
+    resolved = with_schedules(kwargs)
+    assert resolved["learning_rate"](1.0) == pytest.approx(1e-4) and resolved["learning_rate"](0.5) == pytest.approx(5e-5)
+    assert resolved["clip_range"](0.0) == pytest.approx(0.0) and resolved["n_epochs"] == 3
+    assert kwargs["learning_rate"] == "lin_1e-4"  # the spec keeps the string (run names and resumption)
+    with pytest.raises(ValueError, match="lin_<float>"):
+        with_schedules({"learning_rate": "lin_fast"})
