@@ -6,6 +6,7 @@ import importlib.util
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -51,3 +52,24 @@ def test_tables_report_every_method_and_the_uni_o4_stages(suite):
     assert row == ["| hopper-medium | 0 | - | 41.0, 39.0 | 20.0, 30.0 | 20.0 / 18.0 | - | 10.0 (5.0) |"]
     uepo = suite.stage_table(data, ["hopper-medium"])
     assert "| hopper-medium | 0 | 80.0 / 40.0 | 80.0 | 80.0 | 80.0 / 70.0 | - | - |" in uepo
+
+
+def test_mish_speed_times_both_variants_and_restores_the_fast_path():
+    spec = importlib.util.spec_from_file_location("mish_speed", ROOT / "benchmarks" / "mish_speed.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    from sb3_uepo.common import diffusion
+
+    seen = []
+    denoiser = diffusion.Denoiser(3, 11, (8,))
+    x = torch.zeros(4, 3, requires_grad=True)
+
+    def work():
+        denoiser(x, torch.zeros(4, dtype=torch.long), torch.zeros(4, 11)).sum().backward()
+        seen.append(denoiser.net[1].forward.__func__)
+
+    times = module.alternate(work, repeats=2)
+    assert set(times) == {"one_exp", "native"} and all(t > 0 for t in times.values())
+    assert set(seen) == {module.FAST, module._native}
+    assert diffusion.Mish.forward is module.FAST
+    module.behaviour_work(steps=1, seed=0)()  # the behaviour workload runs
