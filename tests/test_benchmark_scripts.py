@@ -73,3 +73,21 @@ def test_mish_speed_times_both_variants_and_restores_the_fast_path():
     assert set(seen) == {module.FAST, module._native}
     assert diffusion.Mish.forward is module.FAST
     module.behaviour_work(steps=1, seed=0)()  # the behaviour workload runs
+
+
+def test_noise_inversion_reports_reproduced_share_and_box_share(tiny_diffusion_policy_kwargs):
+    from types import SimpleNamespace
+
+    import numpy as np
+
+    from sb3_uepo import UEPO
+
+    spec = importlib.util.spec_from_file_location("noise_inversion", ROOT / "benchmarks" / "noise_inversion.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    policy = UEPO("DiffusionPolicy", "Pendulum-v1", policy_kwargs=dict(tiny_diffusion_policy_kwargs, sampler="ddim")).policy
+    rng = np.random.default_rng(0)
+    data = SimpleNamespace(observations=rng.normal(size=(50, 3)), actions=rng.uniform(-2, 2, (50, 1)))
+    row = module.measure(policy, data, n=8, bound=0.5, tolerance=0.1, seed=0)
+    assert row["transitions"] == 8 and 0.0 <= row["reproduced_inside_box"] <= row["reproduced"] <= 1.0
+    assert row["median_residual"] >= 0.0 and row["median_max_abs_noise"] >= 0.0

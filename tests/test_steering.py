@@ -8,7 +8,7 @@ from stable_baselines3.common.env_util import make_vec_env
 
 from sb3_uepo import UEPO
 from sb3_uepo.common.evaluation import evaluate
-from sb3_uepo.uepo.steering import NoiseSteeringWrapper, SteeredModel, decode_noise, steer
+from sb3_uepo.uepo.steering import NoiseSteeringWrapper, SteeredModel, decode_noise, invert_noise, steer
 
 TINY_SAC = dict(
     learning_starts=16, batch_size=16, buffer_size=1_000, train_freq=1, gradient_steps=1, policy_kwargs=dict(net_arch=[16, 16])
@@ -135,3 +135,29 @@ def test_uepo_train_online_steer_saves_one_model_that_eval_loads(tmp_path, capsy
     assert main(["eval", str(out.with_suffix(".zip")), "--episodes", "1", "--deterministic"]) == 0
     assert main([*args, "--preset", "quick+uni_o4", "--out", str(tmp_path / "x")]) == 2
     assert "--online steer" in capsys.readouterr().err
+
+
+def test_invert_noise_recovers_noises_that_reproduce_the_actions(policy):
+    """invert_noise is decode_noise's inverse on actions the policy can produce; the policy is left untouched. The
+    denoiser is first fitted to a smooth action distribution (an untrained one maps noise to the bounds)."""
+    th.manual_seed(0)
+    optimizer = th.optim.Adam(policy.denoiser.parameters(), lr=3e-3)
+    for _ in range(600):
+        loss = policy.sampler.schedule.training_loss(policy.denoiser, th.rand(256, 1) * 1.6 - 0.8, th.randn(256, 3))
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    policy.denoiser.zero_grad(set_to_none=True)
+    rng = np.random.default_rng(0)
+    obs = rng.uniform(-1.0, 1.0, (64, 3)).astype(np.float32)
+    noise = rng.uniform(-0.5, 0.5, (64, 1)).astype(np.float32)
+    actions = decode_noise(policy, obs, noise)
+    assert np.ptp(actions) > 0.5  # actions inside the range, not at its bounds
+    before = {name: p.detach().clone() for name, p in policy.named_parameters()}
+    found, residual = invert_noise(policy, obs, actions)
+    assert found.shape == noise.shape and residual.shape == (64,)
+    assert residual.max() < 0.01
+    np.testing.assert_allclose(decode_noise(policy, obs, found), actions, atol=0.02)  # a noise may have several twins
+    assert all(th.equal(p, before[name]) and p.grad is None for name, p in policy.named_parameters())
+    with pytest.raises(ValueError, match="observations but"):
+        invert_noise(policy, obs, actions[:3])

@@ -2,7 +2,8 @@
 initial noise to give its deterministic sampler in each state (DSRL, Wagenmaker et al. 2025).
 
 Owns: :class:`NoiseSteeringWrapper` (a gymnasium wrapper whose action is the noise ``w``; the env receives the frozen
-policy's DDIM action from ``x_0 = w``), :func:`decode_noise` (noise -> env action, batched) and :class:`SteeredModel`
+policy's DDIM action from ``x_0 = w``), :func:`decode_noise` (noise -> env action, batched), its inverse
+:func:`invert_noise` (actions -> the noises that produce them) and :class:`SteeredModel`
 (the frozen policy and the off-policy agent as ONE model: ``learn``, ``predict`` (obs -> noise -> action), ``save`` /
 ``load``). Must not touch: the diffusion policy's weights (they never change here), chain-PPO (``uepo.py``).
 
@@ -58,6 +59,67 @@ def decode_noise(policy: DiffusionPolicy, observations: np.ndarray, noise: np.nd
     chain = policy.sampler.sample_chain(policy.acting_eps_fn(), cond, x_init=noise_t, deterministic=True)
     actions = policy.unscale_action(chain[:, -1].clamp(-1.0, 1.0).numpy())
     return actions[0] if single else actions
+
+
+def invert_noise(
+    policy: DiffusionPolicy,
+    observations: np.ndarray,
+    actions: np.ndarray,
+    iterations: int = 300,
+    learning_rate: float = 0.05,
+    n_starts: int = 16,
+    seed: int = 0,
+) -> tuple[np.ndarray, np.ndarray]:
+    """The initial noises whose deterministic DDIM actions are closest to given actions: the inverse of
+    :func:`decode_noise`, found by gradient descent (Adam) on ``w`` through the frozen chain. Each search starts at the
+    best of ``w = 0`` and ``n_starts - 1`` draws from the prior ``N(0, I)`` (the chain clips its ``x_0`` estimate, so
+    from a start where that clip binds the gradient is zero).
+
+    What it is for: mapping logged ``(s, a)`` pairs into the steering agent's noise space (e.g. to seed its replay
+    buffer). An action the policy cannot produce from any noise (outside its learned action manifold) keeps a residual,
+    which the second return value reports.
+
+    :param policy: the diffusion policy (not changed: a frozen copy is used when its parameters require gradients)
+    :param observations: (B, O) raw observations
+    :param actions: (B, A) actions in the env's units
+    :param iterations: Adam steps
+    :param learning_rate: Adam's step size on ``w``
+    :param n_starts: candidate starting noises per action (``w = 0`` among them)
+    :param seed: seed of the candidate draws
+    :return: the noises (B, A) and the residuals (B,): root-mean-square error over action dims of the decoded action,
+        in the policy's [-1, 1] action scale
+    """
+    if any(p.requires_grad for p in policy.parameters()):
+        policy = frozen_policy(policy)
+    obs_t = th.as_tensor(np.atleast_2d(observations), dtype=th.float32)
+    low, high = policy.action_space.low, policy.action_space.high  # type: ignore[attr-defined]
+    target = th.as_tensor(policy.scale_action(np.clip(np.atleast_2d(actions), low, high)), dtype=th.float32)
+    if obs_t.shape[0] != target.shape[0]:
+        raise ValueError(f"{obs_t.shape[0]} observations but {target.shape[0]} actions")
+    cond = policy.normalize_observation(obs_t)
+    eps_fn = policy.acting_eps_fn()
+    n, dim = target.shape
+    generator = th.Generator().manual_seed(seed)
+    candidates = th.cat([th.zeros(1, n, dim), th.randn(max(n_starts - 1, 0), n, dim, generator=generator)])
+    with th.no_grad():
+        decoded = policy.sampler.sample_chain(
+            eps_fn, cond.repeat(len(candidates), 1), x_init=candidates.reshape(-1, dim), deterministic=True
+        )[:, -1].clamp(-1.0, 1.0)
+        errors = (decoded.reshape(len(candidates), n, dim) - target).square().sum(-1)  # (starts, n)
+        start = candidates[errors.argmin(0), th.arange(n)]
+    with th.enable_grad():
+        noise = start.clone().requires_grad_(True)
+        optimizer = th.optim.Adam([noise], lr=learning_rate)
+        for _ in range(iterations):
+            chain = policy.sampler.sample_chain(eps_fn, cond, x_init=noise, deterministic=True)
+            loss = (chain[:, -1].clamp(-1.0, 1.0) - target).square().sum()
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+    with th.no_grad():
+        chain = policy.sampler.sample_chain(eps_fn, cond, x_init=noise, deterministic=True)
+        residual = (chain[:, -1].clamp(-1.0, 1.0) - target).square().mean(-1).sqrt()
+    return noise.detach().numpy(), residual.numpy()
 
 
 class NoiseSteeringWrapper(gym.Wrapper):
