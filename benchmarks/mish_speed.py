@@ -13,7 +13,6 @@ Two workloads, one torch thread, medians over alternating repeats in one process
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import time
 from collections.abc import Callable
@@ -25,6 +24,7 @@ from stable_baselines3.common.env_util import make_vec_env
 
 import sb3_uepo  # noqa: F401  (installs the MuJoCo log hook)
 from sb3_uepo.common import diffusion
+from sb3_uepo.common.io import write_json
 from sb3_uepo.uepo import UEPO
 
 FAST = diffusion.Mish.forward
@@ -104,8 +104,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         results[name] = row
         print(f"{name:32s} one-exp {row['one_exp']:8.2f} ms   F.mish {row['native']:8.2f} ms   saved {row['saved']:.0%}")
     if args.json:
-        with open(args.json, "w") as handle:
-            json.dump(results, handle, indent=2)
+        write_json(args.json, results)
     return results
 
 

@@ -16,7 +16,6 @@ The policy is a UEPO offline result: a model saved by ``uepo train`` (``--model`
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from typing import Any
 
@@ -24,6 +23,7 @@ import numpy as np
 import torch as th
 
 import sb3_uepo  # noqa: F401  (installs the MuJoCo log hook)
+from sb3_uepo.common.io import write_json
 from sb3_uepo.datasets import load_dataset
 from sb3_uepo.uepo.defaults import NOISE_BOUND
 from sb3_uepo.uepo.steering import invert_noise
@@ -95,8 +95,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             flush=True,
         )
     if args.json:
-        with open(args.json, "w") as handle:
-            json.dump({"env": args.env, "dataset": args.dataset, "noise_bound": args.noise_bound, "results": results}, handle)
+        write_json(args.json, {"env": args.env, "dataset": args.dataset, "noise_bound": args.noise_bound, "results": results})
     return results
 
 

@@ -27,14 +27,9 @@ from typing import Any
 
 import numpy as np
 
+from sb3_uepo.common.io import write_json
+
 METHODS = ("uepo", "uni_o4", "diffusion_bc")
-
-
-def _atomic_write_json(path: Path, data: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2))
-    os.replace(tmp, path)
 
 
 def run_seed(
@@ -161,10 +156,10 @@ def main(argv: list[str] | None = None) -> int:
         }
         for seed, future in futures.items():
             data["per_seed"][str(seed)] = future.result()
-            _atomic_write_json(out, data)
+            write_json(out, data)
             print(f"seed {seed}: " + ", ".join(f"{m} {data['per_seed'][str(seed)][m]['normalized']:.1f}" for m in METHODS))
     data["wall_s_last_invocation"] = time.perf_counter() - start
-    _atomic_write_json(out, data)
+    write_json(out, data)
     print()
     print(f"{args.env} / {args.dataset}, preset {args.preset}, seeds {sorted(int(s) for s in data['per_seed'])}")
     print(table(data["per_seed"]))

@@ -14,7 +14,6 @@ and 64 (deterministic).
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import statistics
 import time
@@ -27,6 +26,7 @@ from stable_baselines3 import PPO
 from stable_baselines3.common.env_util import make_vec_env
 
 import sb3_uepo  # noqa: F401  (installs the MuJoCo log hook)
+from sb3_uepo.common.io import write_json
 from sb3_uepo.uepo import UEPO
 from sb3_uepo.uepo.defaults import FINE_TUNING_DEFAULTS, FINE_TUNING_DIFFUSION_POLICY_KWARGS
 
@@ -172,8 +172,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         )
     print(f"ratio UEPO / PPO (median of per-round ratios): {summary['ratio_uepo_over_ppo']:.2f}")
     if args.json:
-        with open(args.json, "w") as handle:
-            json.dump(summary, handle, indent=2)
+        write_json(args.json, summary)
     return summary
 
 
