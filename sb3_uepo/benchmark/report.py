@@ -165,7 +165,7 @@ def plot_learning_curves(results: list[dict[str, Any]], out_dir: str | os.PathLi
             mean, std = curves.mean(axis=0), curves.std(axis=0)
             label = ALGORITHMS[algo].label if algo in ALGORITHMS else algo
             color = f"C{list(ALGORITHMS).index(algo)}" if algo in ALGORITHMS else None
-            ax.plot(grid, mean, label=f"{label} ({len(runs)} seeds)", color=color)
+            ax.plot(grid, mean, label=f"{label} ({len(runs)} seed{'' if len(runs) == 1 else 's'})", color=color)
             ax.fill_between(grid, mean - std, mean + std, alpha=0.2, color=color)
         ax.set_xlabel("online environment steps")
         ax.set_ylabel("normalised score" if use_normalized else "return")
