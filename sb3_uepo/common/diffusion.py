@@ -102,8 +102,9 @@ class NoiseSchedule(nn.Module):
 class _MishFunction(torch.autograd.Function):
     """Mish with one exponential: ``tanh(softplus(x)) = n / (n + 2)`` with ``n = e^x (e^x + 2)``, and the derivative
     ``t + x (1 - t^2) sigmoid(x)`` from the saved ``t``. Equal to ``F.mish`` and its backward up to float rounding
-    (``tests/test_diffusion.py``), about twice as fast forward and backward on training batches here than PyTorch's
-    CPU kernel (which evaluates softplus, tanh and sigmoid again in the backward). Returns ``t`` as a second,
+    (``tests/test_diffusion.py``). On training batches its forward and backward take about 60 % of the time of
+    PyTorch's CPU kernel (which evaluates softplus, tanh and sigmoid again in the backward): 2-13 % of a whole update
+    or behaviour step (``benchmarks/mish_speed.py``). Returns ``t`` as a second,
     non-differentiable output because ``torch.func`` (the members' ``vmap``) only lets a function save its inputs
     and outputs."""
 
