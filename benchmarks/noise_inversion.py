@@ -29,8 +29,9 @@ from sb3_uepo.uepo.defaults import NOISE_BOUND
 from sb3_uepo.uepo.steering import invert_noise
 
 
-def bench_policy(out: str, env_id: str, dataset_path: str, seed: int) -> Any:
-    """The pretrained DiffusionPolicy of a ``uepo bench`` run's offline checkpoints (loaded, not retrained)."""
+def bench_policy(out: str, env_id: str, dataset_path: str, dataset: Any, seed: int) -> Any:
+    """The pretrained DiffusionPolicy of a ``uepo bench`` run's offline checkpoints (loaded, not retrained); ``dataset``
+    is the loaded ``dataset_path``."""
     from sb3_uepo.benchmark.baselines import build_uepo
     from sb3_uepo.benchmark.runner import RunSpec, offline_dir
 
@@ -38,7 +39,7 @@ def bench_policy(out: str, env_id: str, dataset_path: str, seed: int) -> Any:
     directory = offline_dir(out, spec)
     if not directory.is_dir():
         raise SystemExit(f"no offline checkpoints for {spec.run_id} in {out}: run `uepo bench` there first")
-    model = build_uepo(spec, load_dataset(dataset_path, env=env_id))
+    model = build_uepo(spec, dataset)
     model.pretrain_dir = str(directory)
     model.pretrain()
     return model.policy
@@ -83,7 +84,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         policies[args.model] = UEPO.load(args.model, device="cpu").policy
     else:
         for seed in args.seeds:
-            policies[f"seed {seed}"] = bench_policy(args.bench_out, args.env, args.dataset, seed)
+            policies[f"seed {seed}"] = bench_policy(args.bench_out, args.env, args.dataset, dataset, seed)
     results = {}
     for name, policy in policies.items():
         row = measure(policy, dataset, args.transitions, args.noise_bound, args.tolerance, seed=0)

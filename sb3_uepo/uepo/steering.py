@@ -43,6 +43,12 @@ def frozen_policy(policy: DiffusionPolicy) -> DiffusionPolicy:
     return frozen
 
 
+def _ddim_action(policy: DiffusionPolicy, cond: th.Tensor, noise: th.Tensor) -> th.Tensor:
+    """The policy's deterministic DDIM action from ``x_0 = noise``, clipped to [-1, 1] (the policy's action scale)."""
+    chain = policy.sampler.sample_chain(policy.acting_eps_fn(), cond, x_init=noise, deterministic=True)
+    return chain[:, -1].clamp(-1.0, 1.0)
+
+
 @th.no_grad()
 def decode_noise(policy: DiffusionPolicy, observations: np.ndarray, noise: np.ndarray) -> np.ndarray:
     """Env actions of the policy's deterministic DDIM chains started at ``x_0 = noise``.
@@ -55,9 +61,7 @@ def decode_noise(policy: DiffusionPolicy, observations: np.ndarray, noise: np.nd
     single = np.ndim(noise) == 1
     obs_t = th.as_tensor(np.atleast_2d(observations), dtype=th.float32)
     noise_t = th.as_tensor(np.atleast_2d(noise), dtype=th.float32)
-    cond = policy.normalize_observation(obs_t)
-    chain = policy.sampler.sample_chain(policy.acting_eps_fn(), cond, x_init=noise_t, deterministic=True)
-    actions = policy.unscale_action(chain[:, -1].clamp(-1.0, 1.0).numpy())
+    actions = policy.unscale_action(_ddim_action(policy, policy.normalize_observation(obs_t), noise_t).numpy())
     return actions[0] if single else actions
 
 
@@ -97,28 +101,23 @@ def invert_noise(
     if obs_t.shape[0] != target.shape[0]:
         raise ValueError(f"{obs_t.shape[0]} observations but {target.shape[0]} actions")
     cond = policy.normalize_observation(obs_t)
-    eps_fn = policy.acting_eps_fn()
     n, dim = target.shape
     generator = th.Generator().manual_seed(seed)
     candidates = th.cat([th.zeros(1, n, dim), th.randn(max(n_starts - 1, 0), n, dim, generator=generator)])
     with th.no_grad():
-        decoded = policy.sampler.sample_chain(
-            eps_fn, cond.repeat(len(candidates), 1), x_init=candidates.reshape(-1, dim), deterministic=True
-        )[:, -1].clamp(-1.0, 1.0)
+        decoded = _ddim_action(policy, cond.repeat(len(candidates), 1), candidates.reshape(-1, dim))
         errors = (decoded.reshape(len(candidates), n, dim) - target).square().sum(-1)  # (starts, n)
         start = candidates[errors.argmin(0), th.arange(n)]
     with th.enable_grad():
         noise = start.clone().requires_grad_(True)
         optimizer = th.optim.Adam([noise], lr=learning_rate)
         for _ in range(iterations):
-            chain = policy.sampler.sample_chain(eps_fn, cond, x_init=noise, deterministic=True)
-            loss = (chain[:, -1].clamp(-1.0, 1.0) - target).square().sum()
+            loss = (_ddim_action(policy, cond, noise) - target).square().sum()
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
     with th.no_grad():
-        chain = policy.sampler.sample_chain(eps_fn, cond, x_init=noise, deterministic=True)
-        residual = (chain[:, -1].clamp(-1.0, 1.0) - target).square().mean(-1).sqrt()
+        residual = (_ddim_action(policy, cond, noise) - target).square().mean(-1).sqrt()
     return noise.detach().numpy(), residual.numpy()
 
 
