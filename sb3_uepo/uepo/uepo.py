@@ -62,7 +62,7 @@ class UEPO(OfflineHandoverMixin, ChainRolloutMixin, OnPolicyAlgorithm):
     Arguments marked "auto" follow the situation (``sb3_uepo/uepo/defaults.py``): with a ``dataset`` they take the
     fine-tuning settings (lr 3e-5 decaying linearly to 0, clip 0.05, 5 epochs of batch 512 over ~2048 env steps, KL
     0.1 to the offline policy, 2 value warm-up updates, rewards scaled by the return's std, and for the DiffusionPolicy
-    a 10x value learning rate, the last 2 denoising steps fine-tuned and exploring with std 0.05), without one SB3 PPO's
+    a 10x value learning rate, the last 2 denoising steps fine-tuned and exploring with std 0.1), without one SB3 PPO's
     (lr 3e-4, clip 0.2, 10 epochs of batch 64 over 2048 steps per env, no KL, no warm-up). A value you pass wins.
 
     :param learning_rate: learning rate (of the actor; see ``value_lr_scale`` in the DiffusionPolicy's kwargs),
