@@ -174,9 +174,28 @@ def test_by_default_the_behaviour_model_is_handed_on_without_offline_ppo(run_pip
 def test_changed_config_in_the_same_checkpoint_dir_is_refused(tmp_path, run_pipeline, tiny_config):
     run_pipeline(config=tiny_config(ppo_steps=0), checkpoint_dir=tmp_path)
     with pytest.raises(ValueError, match="different config or dataset"):
-        run_pipeline(config=tiny_config(ppo_steps=0, iql_steps=30), checkpoint_dir=tmp_path)
-    result = run_pipeline(config=tiny_config(ppo_steps=3, iql_steps=30), checkpoint_dir=tmp_path, resume=False)
+        run_pipeline(config=tiny_config(ppo_steps=0, behavior_lr=1e-3), checkpoint_dir=tmp_path)
+    result = run_pipeline(config=tiny_config(ppo_steps=3, behavior_lr=1e-3), checkpoint_dir=tmp_path, resume=False)
     assert result.ope_history[-1]["step"] == 3
+
+
+def test_changing_only_later_settings_reuses_the_behaviour_model(tmp_path, run_pipeline, tiny_config, monkeypatch):
+    """A new critic budget or refinement needs no new behaviour model (the costliest stage); the critics are refitted."""
+    first = run_pipeline(config=tiny_config(ppo_steps=0), checkpoint_dir=tmp_path)
+    calls = []
+
+    def must_not_run(*args, **kwargs):
+        raise AssertionError("the behaviour model was trained again")
+
+    fit_iql = pipeline_module.fit_iql
+    monkeypatch.setattr(pipeline_module, "fit_behavior_model", must_not_run)
+    monkeypatch.setattr(pipeline_module, "fit_iql", lambda *a, **k: calls.append(1) or fit_iql(*a, **k))
+    second = run_pipeline(config=tiny_config(ppo_steps=0, iql_steps=30, refine_steps=5), checkpoint_dir=tmp_path)
+    assert calls == [1] and second.stage_reports["iql"]["steps"] == 30 and "refine" in second.stage_reports["members"]
+    for key, value in first.behavior_state_dict.items():
+        assert torch.equal(second.behavior_state_dict[key], value), key
+    progress = json.loads((tmp_path / "progress.json").read_text())
+    assert progress["config"]["iql_steps"] == 30 and progress["completed"][-1] == "offline_ppo"
 
 
 def test_changing_only_offline_ppo_settings_reuses_the_earlier_stages(tmp_path, run_pipeline, tiny_config, monkeypatch):
@@ -299,8 +318,11 @@ def test_a_setting_added_later_keeps_older_checkpoints_valid_at_their_value(tiny
     def fingerprint(config):
         return OfflinePretrainer(data, OBS_SPACE, ACT_SPACE, config, progress_bar=False).fingerprint
 
-    legacy = {name: fingerprint(tiny_config(**{name: value})) for name, value in pipeline_module.LATER_FIELDS.items()}
-    changed = fingerprint(tiny_config(behavior_top_fraction=0.5))
+    later = pipeline_module.LATER_FIELDS
+    legacy = fingerprint(tiny_config(**later))
+    other = dict(behavior_top_fraction=0.5, refine_steps=5, refine_candidates=4, refine_lr=1e-3)
+    assert set(other) == set(later)
+    changed = {fingerprint(tiny_config(**{**later, name: value})) for name, value in other.items()}
     to_dict = OfflineConfig.to_dict
 
     def without_later_fields(self):  # the config as it was before these fields existed
@@ -309,8 +331,8 @@ def test_a_setting_added_later_keeps_older_checkpoints_valid_at_their_value(tiny
     with monkeypatch.context() as patch:
         patch.setattr(OfflineConfig, "to_dict", without_later_fields)
         before = fingerprint(tiny_config())
-    assert pipeline_module.LATER_FIELDS["behavior_top_fraction"] == 1.0
-    assert set(legacy.values()) == {before} and changed != before
+    assert later["behavior_top_fraction"] == 1.0 and later["refine_steps"] == 0
+    assert legacy == before and before not in changed and len(changed) == len(other)
     # Gaussian members have no behaviour model: its later-added settings never change their fingerprint
     gaussian = [fingerprint(tiny_config("quick+uni_o4", behavior_top_fraction=f)) for f in (1.0, 0.5)]
     assert gaussian[0] == gaussian[1]

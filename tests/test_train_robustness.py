@@ -193,8 +193,8 @@ def test_a_corrupted_checkpoint_is_recomputed_with_a_warning(tmp_path, pendulum_
 def test_checkpoints_of_another_config_are_reported_and_restart_discards_them(tmp_path, pendulum_npz, capsys, tiny_train_args):
     out = tmp_path / "run"
     assert main([*tiny_train_args(pendulum_npz, out), *QUIET]) == 0
-    other = tiny_train_args(pendulum_npz, out, {"iql_steps": 30})
+    other = tiny_train_args(pendulum_npz, out, {"behavior_lr": 1e-3})
     assert main([*other, *QUIET]) == 2
     assert "--restart" in capsys.readouterr().err
     assert main([*other, "--restart", *QUIET]) == 0
-    assert json.loads((tmp_path / "run_offline" / "progress.json").read_text())["config"]["iql_steps"] == 30
+    assert json.loads((tmp_path / "run_offline" / "progress.json").read_text())["config"]["behavior_lr"] == 1e-3

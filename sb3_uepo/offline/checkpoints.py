@@ -1,13 +1,15 @@
 """Checkpoint files of the offline stages: one directory per run, every file written atomically.
 
 Owns: :class:`StageCheckpoints` (``stage_<name>.pt`` per completed stage, ``stage_offline_ppo.partial.pt`` while offline
-PPO runs, ``progress.json`` with the completed stages, their reports and times, and two fingerprints: of the whole
-config and data, and of everything but offline PPO's own settings). Must not touch: what a stage computes or how it
-is restored (``pipeline.py``), the lock on the directory (``common/io.py``, taken by the pipeline).
+PPO runs, ``progress.json`` with the completed stages, their reports and times, and three fingerprints: of the whole
+config and data, of everything but offline PPO's own settings, and of what the behaviour model reads). Must not
+touch: what a stage computes or how it is restored (``pipeline.py``), the lock on the directory (``common/io.py``,
+taken by the pipeline).
 
 Resuming rules: the same fingerprint resumes every completed stage; the same early fingerprint (only offline PPO's
-settings differ, e.g. an ablation of its regularisers) keeps the stages before offline PPO; anything else is refused
-with a message, never mixed. An unreadable ``progress.json`` is reported and the run starts over.
+settings differ, e.g. an ablation of its regularisers) keeps the stages before offline PPO; the same behaviour
+fingerprint (the critics' budget or a later stage's setting changed) keeps the behaviour model; anything else is
+refused with a message, never mixed. An unreadable ``progress.json`` is reported and the run starts over.
 """
 
 from __future__ import annotations
@@ -46,6 +48,7 @@ class StageCheckpoints:
     :param early_fingerprint: the same without offline PPO's own settings
     :param stages: the stage names, in order
     :param say: one-line progress messages (e.g. ``print`` with a prefix)
+    :param behavior_fingerprint: hash of the fields the behaviour stage reads and the data (None: never reused alone)
     """
 
     def __init__(
@@ -55,9 +58,11 @@ class StageCheckpoints:
         early_fingerprint: str,
         stages: tuple[str, ...],
         say: Callable[[str], None] = lambda line: None,
+        behavior_fingerprint: str | None = None,
     ) -> None:
         self.directory = Path(directory)
         self.fingerprint, self.early_fingerprint, self.stages, self.say = fingerprint, early_fingerprint, stages, say
+        self.behavior_fingerprint = behavior_fingerprint
 
     def path(self, name: str) -> Path:
         return self.directory / name
@@ -88,6 +93,18 @@ class StageCheckpoints:
             self.partial_path.unlink(missing_ok=True)
             progress = dict(progress, completed=kept, fingerprint=self.fingerprint)
             self.say(f"only offline PPO's settings differ from {self.directory}'s run: reusing {', '.join(kept)}")
+        same_behavior = (
+            self.behavior_fingerprint is not None and progress.get("behavior_fingerprint") == self.behavior_fingerprint
+        )
+        if (
+            progress.get("fingerprint") != self.fingerprint
+            and same_behavior
+            and self.stages[0] in progress.get("completed", [])
+        ):
+            # only settings of the stages after the behaviour model changed: keep that model, recompute the rest
+            self.partial_path.unlink(missing_ok=True)
+            progress = dict(progress, completed=[self.stages[0]], fingerprint=self.fingerprint)
+            self.say(f"only settings after the behaviour model differ from {self.directory}'s run: reusing {self.stages[0]}")
         if progress.get("fingerprint") != self.fingerprint:
             raise ValueError(
                 f"Checkpoint directory '{self.directory}' holds an offline run with a different config or dataset "
@@ -108,6 +125,7 @@ class StageCheckpoints:
             format=CHECKPOINT_FORMAT,
             fingerprint=self.fingerprint,
             early_fingerprint=self.early_fingerprint,
+            behavior_fingerprint=self.behavior_fingerprint,
             completed=progress.completed,
             reports=progress.reports,
             seconds=progress.seconds,

@@ -68,6 +68,14 @@ class OfflineConfig:
     value_net_arch: tuple[int, ...] = (256, 256)  # V = Sequential(*create_mlp(obs_dim, 1, arch, act)), as the online value net
     value_activation: str = "tanh"  # activation of V; must match the online policy's value net (SB3 default: tanh)
 
+    # ------------------------------------------------------------------ stage 3a: critic-guided refinement (refine.py)
+    # Before the members are copied from it, the behaviour model is fine-tuned on the IQL critic's choice among
+    # refine_candidates of its own deterministic chains per dataset state (x_0 = 0 one of them): IDQL's action choice,
+    # learned, so that acting from x_0 = 0 follows it. 0 steps: off (the behaviour model itself is copied).
+    refine_steps: int = 0
+    refine_candidates: int = 16
+    refine_lr: float = 1e-4  # Adam on the copy of the behaviour denoiser (constant)
+
     # ------------------------------------------------------------------ stage 5: dynamics and augmentation (other owner)
     augment: bool = True  # train the dynamics on real + filtered diffusion-synthesised transitions (False: real only)
     dynamics: DynamicsConfig = field(default_factory=DynamicsConfig)  # passed to fit_dynamics (seed/device overridden)
@@ -167,6 +175,8 @@ class OfflineConfig:
             (self.ope_score in OPE_SCORES, f"ope_score must be one of {OPE_SCORES}, got {self.ope_score!r}"),
             (self.choice_score in CHOICE_SCORES, f"choice_score must be one of {CHOICE_SCORES}, got {self.choice_score!r}"),
             (self.choice_n_states >= 1, f"choice_n_states must be >= 1, got {self.choice_n_states}"),
+            (self.refine_candidates >= 1, f"refine_candidates must be >= 1, got {self.refine_candidates}"),
+            (self.refine_lr > 0, f"refine_lr must be > 0, got {self.refine_lr}"),
             (
                 self.ope_start_states in OPE_START_STATES,
                 f"ope_start_states must be one of {OPE_START_STATES}, got {self.ope_start_states!r}",
@@ -190,6 +200,7 @@ class OfflineConfig:
         for name in (
             "behavior_steps",
             "iql_steps",
+            "refine_steps",
             "gaussian_bc_steps",
             "ppo_steps",
             "behavior_batch_size",

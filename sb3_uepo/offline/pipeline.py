@@ -67,7 +67,12 @@ STAGES = ("behavior", "iql", "dynamics", "members", "offline_ppo")
 # Config fields added after checkpoints were already written, with the value every checkpoint written before the field
 # existed was computed with: a field enters a run's fingerprint only away from that value, so such a checkpoint still
 # resumes, and never resumes a run that asks for another value (even if the field's default changes later).
-LATER_FIELDS: dict[str, Any] = {"behavior_top_fraction": 1.0}  # all behaviour-model settings: unused by Gaussian runs
+LATER_FIELDS: dict[str, Any] = {  # all behaviour-model settings: unused by Gaussian runs
+    "behavior_top_fraction": 1.0,
+    "refine_steps": 0,
+    "refine_candidates": 16,
+    "refine_lr": 1e-4,
+}
 
 # Fields read by the offline_ppo stage alone (policy improvement, its regularisers, the OPE gate and the choice):
 # changing only these reuses the checkpoints of the stages before it.
@@ -102,6 +107,20 @@ OFFLINE_PPO_ONLY_FIELDS = (
     "choice_score",
     "choice_n_states",
 )  # fmt: skip (offline_improvement is not among them: it decides whether the dynamics stage runs)
+# Fields the behaviour stage reads (with the seed, the member type and the data): a run that changes none of them
+# reuses a completed behaviour model, the most expensive stage, whatever else changed (the critics' budget, say).
+BEHAVIOR_FIELDS = (
+    "seed",
+    "policy_type",
+    "n_diffusion_steps",
+    "denoiser_hidden_sizes",
+    "time_embed_dim",
+    "behavior_steps",
+    "behavior_batch_size",
+    "behavior_lr",
+    "behavior_ema",
+    "behavior_top_fraction",
+)
 # The dynamics ensemble is refitted on real + synthetic data only when the filter keeps at least this share of the real
 # data's size (measured on the embedded Hopper data with the quick preset: 397 kept of 20,000 generated, i.e. 0.5% of
 # the 80k real transitions, and the refit took 40 of the stage's 89 s).
@@ -306,8 +325,11 @@ class OfflinePretrainer:
         self.fingerprint = self._fingerprint()
         # the stages before offline PPO do not read its settings: a run that changes only those reuses them
         self.early_fingerprint = self._fingerprint(exclude=OFFLINE_PPO_ONLY_FIELDS)
+        self.behavior_fingerprint = self._fingerprint(include=BEHAVIOR_FIELDS)
         self.checkpoints = (
-            StageCheckpoints(self.checkpoint_dir, self.fingerprint, self.early_fingerprint, STAGES, self._say)
+            StageCheckpoints(
+                self.checkpoint_dir, self.fingerprint, self.early_fingerprint, STAGES, self._say, self.behavior_fingerprint
+            )
             if self.checkpoint_dir is not None
             else None
         )
@@ -317,15 +339,18 @@ class OfflinePretrainer:
         self.outputs: dict[str, Any] = {}
 
     # ------------------------------------------------------------------------------------------ inputs
-    def _fingerprint(self, exclude: tuple[str, ...] = ()) -> str:
-        """Hash of the config (without the ``exclude`` fields, and without the fields added later while they keep
-        the value older checkpoints were computed with, :data:`LATER_FIELDS`) and the data."""
+    def _fingerprint(self, exclude: tuple[str, ...] = (), include: tuple[str, ...] | None = None) -> str:
+        """Hash of the config (only the ``include`` fields when given, without the ``exclude`` fields, and without the
+        fields added later while they keep the value older checkpoints were computed with, :data:`LATER_FIELDS`) and
+        the data."""
         h = hashlib.sha256()
         unused = self.config.policy_type != "diffusion"  # Gaussian members have no behaviour model: its later fields
         config = {
             k: v
             for k, v in self.config.to_dict().items()
-            if k not in exclude and not (k in LATER_FIELDS and (unused or v == LATER_FIELDS[k]))
+            if k not in exclude
+            and (include is None or k in include)
+            and not (k in LATER_FIELDS and (unused or v == LATER_FIELDS[k]))
         }
         h.update(json.dumps(jsonable(config), sort_keys=True).encode())
         for arr in (self.dataset.observations, self.dataset.actions, self.dataset.rewards, self.dataset.terminals):
@@ -518,10 +543,19 @@ class OfflinePretrainer:
             members, report = fit_gaussian_members(d.obs, d.actions, cfg, self.logger, self.progress_bar)
             return members, members.state(), report
         behavior = self.outputs["behavior"]
+        refine_report = None
+        if cfg.refine_steps > 0:  # the members start from the critic-guided refinement of the behaviour model
+            from sb3_uepo.offline.refine import refine_behavior
+
+            behavior, refine_report = refine_behavior(
+                behavior, make_sampler(cfg).to(self.device), self.outputs["iql"], d.obs, cfg, self.logger, self.progress_bar
+            )
         members = make_diffusion_members(
             behavior, make_sampler(cfg).to(self.device), cfg.n_members, cfg.seed + 10, cfg.member_noise
         )
         report: dict[str, Any] = dict(n_members=cfg.n_members, seed_noise=members.seed_noise.tolist())
+        if refine_report is not None:
+            report["refine"] = refine_report
         if self.segment_sampler is not None and cfg.n_members > 1:
             generator = torch.Generator().manual_seed(cfg.seed + 11)
             idx = self.segment_sampler.sample(cfg.segment_batch_size, generator).to(self.device)

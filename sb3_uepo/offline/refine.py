@@ -1,0 +1,136 @@
+"""Critic-guided refinement of the behaviour model (UEPO stage 3, before the members are copied): IDQL's action choice,
+distilled into the denoiser so that the policy still acts by its plain chain.
+
+Owns: :func:`select_actions` (the critic's choice among behaviour samples) and :func:`refine_behavior`. Must not
+touch: the behaviour model's own training (``behavior.py``), the critics (``iql.py``), the members (``members.py``).
+
+IDQL (Hansen-Estruch et al. 2023) acts by drawing ``n`` actions from a diffusion behaviour model and taking the one its
+IQL critic scores highest. Here the choice is made once per dataset state, offline::
+
+    a*(s) = argmax_{a in {chain(s, x_0 = 0), chain(s, z_1), ..., chain(s, z_{n-1})}} min(Q_1, Q_2)(s, a),  z_j ~ N(0, I)
+
+(``chain`` the deterministic DDIM path of the behaviour model), and a copy of the behaviour denoiser is fine-tuned by
+the same epsilon-prediction loss on the pairs ``(s, a*(s))`` (an EMA copy is kept, as in stage 1). Its deterministic
+action from ``x_0 = 0`` then follows the critic's choice without the critic at run time, so the online chain-PPO,
+``predict`` and steering use it unchanged. The candidates come from the behaviour model, so the chosen actions stay in
+the data's support (the candidate ``x_0 = 0`` is the behaviour model's own action: a* is never worse than it in the
+critic's eyes).
+
+Observations are normalised and actions in [-1, 1] (project convention).
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from typing import Any
+
+import torch
+
+from sb3_uepo.common.diffusion import ChainSampler, Denoiser, NoiseSchedule
+from sb3_uepo.offline.config import OfflineConfig, log_values, make_progress_bar
+from sb3_uepo.offline.iql import IQLCritics
+
+
+@torch.no_grad()
+def select_actions(
+    denoiser: Denoiser,
+    sampler: ChainSampler,
+    critics: IQLCritics,
+    obs: torch.Tensor,
+    n_candidates: int,
+    generator: torch.Generator,
+    chunk: int = 1024,
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """The critic's choice among ``n_candidates`` deterministic behaviour chains per state (the first from ``x_0 = 0``).
+
+    :param denoiser: the behaviour denoiser
+    :param sampler: the chain sampler (DDIM)
+    :param critics: IQL critics (``q_min`` scores the candidates)
+    :param obs: (N, O) normalised observations
+    :param n_candidates: actions per state (1: the ``x_0 = 0`` action itself)
+    :param generator: CPU generator of the candidate noises
+    :param chunk: states per batch (memory)
+    :return: (N, A) chosen actions in [-1, 1], and a report: the share of states whose choice is not the ``x_0 = 0``
+        action, and the mean min-Q of the ``x_0 = 0`` and of the chosen actions
+    """
+    if n_candidates < 1:
+        raise ValueError(f"n_candidates must be >= 1, got {n_candidates}")
+    action_dim = denoiser.action_dim
+    chosen, moved, q_zero, q_chosen = [], 0, 0.0, 0.0
+    for start in range(0, obs.shape[0], chunk):
+        cond = obs[start : start + chunk]
+        m = cond.shape[0]
+        noise = torch.randn(n_candidates, m, action_dim, generator=generator).to(obs.device)
+        noise[0] = 0.0
+        flat_cond = cond.repeat(n_candidates, 1)
+        chain = sampler.sample_chain(denoiser, flat_cond, x_init=noise.reshape(-1, action_dim), deterministic=True)
+        actions = chain[:, -1].clamp(-1.0, 1.0).reshape(n_candidates, m, action_dim)
+        q = critics.q_min(flat_cond, actions.reshape(-1, action_dim)).reshape(n_candidates, m)
+        best = q.argmax(0)
+        chosen.append(actions[best, torch.arange(m, device=obs.device)])
+        moved += int((best != 0).sum())
+        q_zero += float(q[0].sum())
+        q_chosen += float(q.max(0).values.sum())
+    n = max(obs.shape[0], 1)
+    report = dict(share_not_zero_noise=moved / n, q_zero_noise=q_zero / n, q_chosen=q_chosen / n)
+    return torch.cat(chosen), report
+
+
+def refine_behavior(
+    behavior: Denoiser,
+    sampler: ChainSampler,
+    critics: IQLCritics,
+    obs: torch.Tensor,
+    config: OfflineConfig,
+    logger: Any = None,
+    progress_bar: bool = True,
+    log_prefix: str = "offline/refine",
+) -> tuple[Denoiser, dict[str, Any]]:
+    """Fine-tune a copy of the behaviour denoiser on the critic's choice among its own samples (module docstring).
+
+    :param behavior: the behaviour denoiser (not modified)
+    :param sampler: the chain sampler
+    :param critics: IQL critics
+    :param obs: (N, O) normalised observations: the states the choice is made in (the whole dataset)
+    :param config: reads ``refine_steps``, ``refine_candidates``, ``refine_lr``, ``behavior_batch_size``,
+        ``behavior_ema``, ``n_diffusion_steps`` and ``seed``
+    :param logger: SB3 logger or None
+    :param progress_bar: show a progress bar
+    :param log_prefix: key prefix of the logged values
+    :return: the refined denoiser (EMA copy; eval mode, no grad) and a report (``steps``, ``final_loss``, the choice's
+        statistics of :func:`select_actions`, ``seconds``)
+    """
+    start = time.time()
+    generator = torch.Generator().manual_seed(config.seed + 21)
+    targets, report = select_actions(behavior, sampler, critics, obs, config.refine_candidates, generator)
+    report["select_seconds"] = time.time() - start
+    denoiser = copy.deepcopy(behavior).train().requires_grad_(True)
+    ema = copy.deepcopy(behavior).requires_grad_(False) if config.behavior_ema > 0 else None
+    schedule = NoiseSchedule(config.n_diffusion_steps).to(obs.device)
+    optimizer = torch.optim.Adam(denoiser.parameters(), lr=config.refine_lr)
+    n, batch = obs.shape[0], min(config.behavior_batch_size, obs.shape[0])
+    loss_ema = float("nan")
+    bar = make_progress_bar(config.refine_steps, progress_bar, "offline: critic-guided refinement")
+    log_every = max(config.refine_steps // 20, 1)
+    for step in range(config.refine_steps):
+        idx = torch.randint(0, n, (batch,), generator=generator).to(obs.device)
+        loss = schedule.training_loss(denoiser, targets[idx], obs[idx])
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        if ema is not None:
+            with torch.no_grad():
+                for p_ema, p in zip(ema.parameters(), denoiser.parameters(), strict=True):
+                    p_ema.lerp_(p, 1.0 - config.behavior_ema)
+        value = float(loss.detach())
+        loss_ema = value if loss_ema != loss_ema else 0.98 * loss_ema + 0.02 * value
+        bar.update(1)
+        if (step + 1) % log_every == 0 or step + 1 == config.refine_steps:
+            bar.set_postfix(loss=f"{loss_ema:.4f}")
+            log_values(logger, log_prefix, dict(loss=loss_ema), step + 1)
+    bar.close()
+    model = ema if ema is not None else denoiser
+    model.eval().requires_grad_(False)
+    report.update(steps=config.refine_steps, final_loss=loss_ema, seconds=time.time() - start)
+    return model, report

@@ -1,0 +1,71 @@
+"""Critic-guided refinement of the behaviour model: the critic's choice among the model's own chains, distilled."""
+
+import gymnasium as gym
+import numpy as np
+import pytest
+import torch
+
+from sb3_uepo.common.diffusion import ChainSampler, Denoiser, NoiseSchedule
+from sb3_uepo.offline.iql import IQLCritics
+from sb3_uepo.offline.pipeline import pretrain
+from sb3_uepo.offline.refine import refine_behavior, select_actions
+
+pytestmark = pytest.mark.filterwarnings("ignore:No termination rule is known")
+
+OBS_SPACE = gym.spaces.Box(-np.inf, np.inf, (3,), np.float32)
+ACT_SPACE = gym.spaces.Box(np.array([-2.0, 0.0], np.float32), np.array([2.0, 1.0], np.float32))
+
+
+@pytest.fixture
+def parts():
+    torch.manual_seed(0)
+    denoiser = Denoiser(2, 3, (16, 16), 8).eval().requires_grad_(False)
+    sampler = ChainSampler(NoiseSchedule(6), 3)
+    critics = IQLCritics(3, 2, (16, 16), (16, 16), "tanh").eval()
+    return denoiser, sampler, critics, torch.randn(50, 3)
+
+
+def test_the_choice_is_the_best_candidate_and_one_candidate_is_the_zero_noise_action(parts):
+    denoiser, sampler, critics, obs = parts
+    zero = sampler.sample_chain(denoiser, obs, x_init=torch.zeros(50, 2), deterministic=True)[:, -1].clamp(-1, 1)
+    only_zero, report = select_actions(denoiser, sampler, critics, obs, 1, torch.Generator().manual_seed(0))
+    assert torch.allclose(only_zero, zero, atol=1e-6) and report["share_not_zero_noise"] == 0.0
+    chosen, report = select_actions(denoiser, sampler, critics, obs, 8, torch.Generator().manual_seed(0), chunk=16)
+    with torch.no_grad():
+        q_zero, q_chosen = critics.q_min(obs, zero), critics.q_min(obs, chosen)
+    assert (q_chosen >= q_zero - 1e-5).all()  # the x_0 = 0 action is a candidate: never worse in the critic's eyes
+    assert report["share_not_zero_noise"] > 0 and report["q_chosen"] >= report["q_zero_noise"]
+    assert chosen.abs().max() <= 1.0
+    with pytest.raises(ValueError, match="n_candidates must be >= 1"):
+        select_actions(denoiser, sampler, critics, obs, 0, torch.Generator())
+
+
+def test_refinement_moves_a_copy_towards_the_chosen_actions(parts, tiny_config):
+    denoiser, sampler, critics, obs = parts
+    before = {k: v.clone() for k, v in denoiser.state_dict().items()}
+    config = tiny_config(refine_steps=200, refine_candidates=8, refine_lr=3e-3, behavior_ema=0.0)
+    refined, report = refine_behavior(denoiser, sampler, critics, obs, config, progress_bar=False)
+    for key, value in denoiser.state_dict().items():
+        assert torch.equal(value, before[key]), key  # the behaviour model itself is untouched
+    assert report["steps"] == 200 and 0 < report["share_not_zero_noise"] <= 1
+    chosen, _ = select_actions(denoiser, sampler, critics, obs, 8, torch.Generator().manual_seed(config.seed + 21))
+    schedule = NoiseSchedule(config.n_diffusion_steps)
+    torch.manual_seed(1)
+    loss_before = float(schedule.training_loss(denoiser, chosen, obs))
+    torch.manual_seed(1)
+    loss_after = float(schedule.training_loss(refined, chosen, obs))
+    assert loss_after < loss_before  # it learned the choice
+    assert not any(p.requires_grad for p in refined.parameters())
+
+
+def test_pipeline_hands_on_the_refined_model_and_keeps_the_behaviour_model(tiny_dataset, tiny_config):
+    config = tiny_config(refine_steps=20, refine_candidates=4)
+    result = pretrain(tiny_dataset(), OBS_SPACE, ACT_SPACE, config, progress_bar=False)
+    refine = result.stage_reports["members"]["refine"]
+    assert refine["steps"] == 20 and "share_not_zero_noise" in refine
+    assert result.chosen_member == 0
+    assert any(not torch.equal(result.policy_state_dict[k], v) for k, v in result.behavior_state_dict.items())
+    plain = pretrain(tiny_dataset(), OBS_SPACE, ACT_SPACE, tiny_config(), progress_bar=False)
+    assert "refine" not in plain.stage_reports["members"]
+    for key, value in plain.behavior_state_dict.items():
+        assert torch.equal(plain.policy_state_dict[key], value), key
