@@ -190,7 +190,8 @@ def test_changing_only_later_settings_reuses_the_behaviour_model(tmp_path, run_p
     fit_iql = pipeline_module.fit_iql
     monkeypatch.setattr(pipeline_module, "fit_behavior_model", must_not_run)
     monkeypatch.setattr(pipeline_module, "fit_iql", lambda *a, **k: calls.append(1) or fit_iql(*a, **k))
-    second = run_pipeline(config=tiny_config(ppo_steps=0, iql_steps=30, refine_steps=5), checkpoint_dir=tmp_path)
+    later = tiny_config(ppo_steps=0, iql_steps=30, refine_steps=5, refine_min_gain=0.0)
+    second = run_pipeline(config=later, checkpoint_dir=tmp_path)
     assert calls == [1] and second.stage_reports["iql"]["steps"] == 30 and "refine" in second.stage_reports["members"]
     for key, value in first.behavior_state_dict.items():
         assert torch.equal(second.behavior_state_dict[key], value), key
@@ -320,7 +321,7 @@ def test_a_setting_added_later_keeps_older_checkpoints_valid_at_their_value(tiny
 
     later = pipeline_module.LATER_FIELDS
     legacy = fingerprint(tiny_config(**later))
-    other = dict(behavior_top_fraction=0.5, refine_steps=5, refine_candidates=4, refine_lr=1e-3)
+    other = dict(behavior_top_fraction=0.5, refine_steps=5, refine_candidates=4, refine_lr=1e-3, refine_min_gain=0.0)
     assert set(other) == set(later)
     changed = {fingerprint(tiny_config(**{**later, name: value})) for name, value in other.items()}
     to_dict = OfflineConfig.to_dict

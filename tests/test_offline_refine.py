@@ -43,8 +43,9 @@ def test_the_choice_is_the_best_candidate_and_one_candidate_is_the_zero_noise_ac
 def test_refinement_moves_a_copy_towards_the_chosen_actions(parts, tiny_config):
     denoiser, sampler, critics, obs = parts
     before = {k: v.clone() for k, v in denoiser.state_dict().items()}
-    config = tiny_config(refine_steps=200, refine_candidates=8, refine_lr=3e-3, behavior_ema=0.0)
+    config = tiny_config(refine_steps=200, refine_candidates=8, refine_lr=3e-3, behavior_ema=0.0, refine_min_gain=0.0)
     refined, report = refine_behavior(denoiser, sampler, critics, obs, config, progress_bar=False)
+    assert report["applied"] is True and report["relative_gain"] >= 0
     for key, value in denoiser.state_dict().items():
         assert torch.equal(value, before[key]), key  # the behaviour model itself is untouched
     assert report["steps"] == 200 and 0 < report["share_not_zero_noise"] <= 1
@@ -58,8 +59,18 @@ def test_refinement_moves_a_copy_towards_the_chosen_actions(parts, tiny_config):
     assert not any(p.requires_grad for p in refined.parameters())
 
 
+def test_the_gate_keeps_the_behaviour_model_when_the_critic_sees_little_gain(parts, tiny_config):
+    denoiser, sampler, critics, obs = parts
+    config = tiny_config(refine_steps=50, refine_candidates=8, refine_min_gain=1e6)
+    kept, report = refine_behavior(denoiser, sampler, critics, obs, config, progress_bar=False)
+    assert kept is denoiser and report["applied"] is False and report["steps"] == 0
+    assert "below refine_min_gain" in report["reason"]
+    with pytest.raises(ValueError, match="refine_min_gain must be >= 0"):
+        tiny_config(refine_min_gain=-1.0)
+
+
 def test_pipeline_hands_on_the_refined_model_and_keeps_the_behaviour_model(tiny_dataset, tiny_config):
-    config = tiny_config(refine_steps=20, refine_candidates=4)
+    config = tiny_config(refine_steps=20, refine_candidates=4, refine_min_gain=0.0)
     result = pretrain(tiny_dataset(), OBS_SPACE, ACT_SPACE, config, progress_bar=False)
     refine = result.stage_reports["members"]["refine"]
     assert refine["steps"] == 20 and "share_not_zero_noise" in refine

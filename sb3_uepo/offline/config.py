@@ -75,6 +75,10 @@ class OfflineConfig:
     refine_steps: int = 0
     refine_candidates: int = 16
     refine_lr: float = 1e-4  # Adam on the copy of the behaviour denoiser (constant)
+    # The gate: refine only when the critic's mean gain of its choice over the x_0 = 0 action is at least this share of
+    # that action's mean |Q| (below it, the choice is within the critic's noise: on data of one behaviour policy the
+    # refinement lowered the real score by 60-70 points; docs/algorithm.md, stage 3a). 0: always refine.
+    refine_min_gain: float = 0.01
 
     # ------------------------------------------------------------------ stage 5: dynamics and augmentation (other owner)
     augment: bool = True  # train the dynamics on real + filtered diffusion-synthesised transitions (False: real only)
@@ -177,6 +181,7 @@ class OfflineConfig:
             (self.choice_n_states >= 1, f"choice_n_states must be >= 1, got {self.choice_n_states}"),
             (self.refine_candidates >= 1, f"refine_candidates must be >= 1, got {self.refine_candidates}"),
             (self.refine_lr > 0, f"refine_lr must be > 0, got {self.refine_lr}"),
+            (self.refine_min_gain >= 0, f"refine_min_gain must be >= 0, got {self.refine_min_gain}"),
             (
                 self.ope_start_states in OPE_START_STATES,
                 f"ope_start_states must be one of {OPE_START_STATES}, got {self.ope_start_states!r}",

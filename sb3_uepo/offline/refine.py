@@ -9,12 +9,13 @@ IQL critic scores highest. Here the choice is made once per dataset state, offli
 
     a*(s) = argmax_{a in {chain(s, x_0 = 0), chain(s, z_1), ..., chain(s, z_{n-1})}} min(Q_1, Q_2)(s, a),  z_j ~ N(0, I)
 
-(``chain`` the deterministic DDIM path of the behaviour model), and a copy of the behaviour denoiser is fine-tuned by
-the same epsilon-prediction loss on the pairs ``(s, a*(s))`` (an EMA copy is kept, as in stage 1). Its deterministic
-action from ``x_0 = 0`` then follows the critic's choice without the critic at run time, so the online chain-PPO,
-``predict`` and steering use it unchanged. The candidates come from the behaviour model, so the chosen actions stay in
-the data's support (the candidate ``x_0 = 0`` is the behaviour model's own action: a* is never worse than it in the
-critic's eyes).
+(``chain`` the deterministic DDIM path of the behaviour model), and, when the critic's mean gain of ``a*`` over the
+``x_0 = 0`` action is at least ``refine_min_gain`` of that action's mean ``|Q|`` (the gate), a copy of the behaviour
+denoiser is fine-tuned by the same epsilon-prediction loss on the pairs ``(s, a*(s))`` (an EMA copy is kept, as in
+stage 1). Its deterministic action from ``x_0 = 0`` then follows the critic's choice without the critic at run time,
+so the online chain-PPO, ``predict`` and steering use it unchanged. The candidates come from the behaviour model, so
+the chosen actions stay in the data's support (the candidate ``x_0 = 0`` is the behaviour model's own action: a* is
+never worse than it in the critic's eyes).
 
 Observations are normalised and actions in [-1, 1] (project convention).
 """
@@ -93,18 +94,31 @@ def refine_behavior(
     :param sampler: the chain sampler
     :param critics: IQL critics
     :param obs: (N, O) normalised observations: the states the choice is made in (the whole dataset)
-    :param config: reads ``refine_steps``, ``refine_candidates``, ``refine_lr``, ``behavior_batch_size``,
+    :param config: reads ``refine_steps``, ``refine_candidates``, ``refine_lr``, ``refine_min_gain``, ``behavior_batch_size``,
         ``behavior_ema``, ``n_diffusion_steps`` and ``seed``
     :param logger: SB3 logger or None
     :param progress_bar: show a progress bar
     :param log_prefix: key prefix of the logged values
-    :return: the refined denoiser (EMA copy; eval mode, no grad) and a report (``steps``, ``final_loss``, the choice's
-        statistics of :func:`select_actions`, ``seconds``)
+    :return: the refined denoiser (EMA copy; eval mode, no grad), or ``behavior`` itself when the critic's relative
+        gain is below ``refine_min_gain``, and a report (``applied``, ``relative_gain``, ``steps``, ``final_loss``, the
+        choice's statistics of :func:`select_actions`, ``seconds``)
     """
     start = time.time()
     generator = torch.Generator().manual_seed(config.seed + 21)
     targets, report = select_actions(behavior, sampler, critics, obs, config.refine_candidates, generator)
     report["select_seconds"] = time.time() - start
+    gain = (report["q_chosen"] - report["q_zero_noise"]) / max(abs(report["q_zero_noise"]), 1e-8)
+    report["relative_gain"] = gain
+    if gain < config.refine_min_gain:  # the choice is within the critic's noise: keep the behaviour model
+        report.update(
+            applied=False,
+            steps=0,
+            reason=f"the critic's relative gain {gain:.4f} is below refine_min_gain={config.refine_min_gain}",
+            seconds=time.time() - start,
+        )
+        log_values(logger, log_prefix, dict(relative_gain=gain, applied=0.0), 0)
+        return behavior, report
+    report["applied"] = True
     denoiser = copy.deepcopy(behavior).train().requires_grad_(True)
     ema = copy.deepcopy(behavior).requires_grad_(False) if config.behavior_ema > 0 else None
     schedule = NoiseSchedule(config.n_diffusion_steps).to(obs.device)
