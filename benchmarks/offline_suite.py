@@ -98,6 +98,7 @@ def run_job(env_id: str, source: str, method: str, preset: str, seed: int, episo
     out: dict[str, Any] = dict(pretrain_s=pretrain_s, stage_seconds=result.seconds, chosen_member=result.chosen_member)
     # the behaviour model's final training loss (EMA), to set next to its real score: the two do not move together
     out["behavior_final_loss"] = result.stage_reports.get("behavior", {}).get("final_loss")
+    out["refine"] = result.stage_reports.get("members", {}).get("refine")  # the critic-guided refinement, when asked
     out["scores"] = {
         mode: ev.normalized_mean
         for mode, ev in evaluate_modes(model, env_id, MODES, n_episodes=episodes, seed=eval_seed, dataset=dataset).items()

@@ -7,7 +7,7 @@ import torch
 
 from sb3_uepo.common.diffusion import ChainSampler, Denoiser, NoiseSchedule
 from sb3_uepo.offline.iql import IQLCritics
-from sb3_uepo.offline.pipeline import pretrain
+from sb3_uepo.offline.pipeline import pretrain, stage_summary
 from sb3_uepo.offline.refine import refine_behavior, select_actions
 
 pytestmark = pytest.mark.filterwarnings("ignore:No termination rule is known")
@@ -74,6 +74,7 @@ def test_pipeline_hands_on_the_refined_model_and_keeps_the_behaviour_model(tiny_
     result = pretrain(tiny_dataset(), OBS_SPACE, ACT_SPACE, config, progress_bar=False)
     refine = result.stage_reports["members"]["refine"]
     assert refine["steps"] == 20 and "share_not_zero_noise" in refine
+    assert "refined in 20 steps" in stage_summary("members", result.stage_reports["members"])
     assert result.chosen_member == 0
     assert any(not torch.equal(result.policy_state_dict[k], v) for k, v in result.behavior_state_dict.items())
     plain = pretrain(tiny_dataset(), OBS_SPACE, ACT_SPACE, tiny_config(), progress_bar=False)

@@ -761,6 +761,10 @@ def stage_summary(name: str, report: dict[str, Any]) -> str:
             parts.append(f"initial divergence {report['initial_divergence_mean']:.3f}")
         if "final_nll" in report:
             parts.append(f"BC NLL {_short_list(report['final_nll'])}")
+        if isinstance(report.get("refine"), dict):
+            refine = report["refine"]
+            state = f"refined in {refine.get('steps', 0)} steps" if refine.get("applied") else "refinement skipped"
+            parts.append(f"critic's relative gain {refine.get('relative_gain', float('nan')):.4f}: {state}")
     elif name == "offline_ppo":
         parts.append(f"chosen member {report.get('chosen_member')}, best OPE {_short_list(report.get('best_ope_scores'))}")
     return parts[0] + (": " + ", ".join(parts[1:]) if len(parts) > 1 else "")
