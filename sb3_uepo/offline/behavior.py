@@ -18,6 +18,7 @@ from __future__ import annotations
 import copy
 import math
 import time
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -83,19 +84,73 @@ def fit_behavior_model(
     start = time.time()
     generator = torch.Generator(device="cpu").manual_seed(config.seed)
     denoiser = make_denoiser(action_dim, obs.shape[1], config).to(obs.device)
+    lr0 = config.behavior_lr
+    model, loss_ema, curve = train_denoiser(
+        denoiser,
+        obs,
+        actions,
+        config,
+        config.behavior_steps,
+        lr0,
+        # cosine decay of the learning rate to 10 % of its initial value
+        lambda step, n_steps: lr0 * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * step / max(n_steps, 1)))),
+        generator,
+        logger,
+        progress_bar,
+        "offline: behaviour diffusion",
+        log_prefix,
+    )
+    report = dict(steps=config.behavior_steps, final_loss=loss_ema, loss_curve=curve, seconds=time.time() - start)
+    return model, report
+
+
+def train_denoiser(
+    denoiser: Denoiser,
+    obs: torch.Tensor,
+    actions: torch.Tensor,
+    config: OfflineConfig,
+    n_steps: int,
+    lr: float,
+    lr_at: Callable[[int, int], float] | None,
+    generator: torch.Generator,
+    logger: Any,
+    progress_bar: bool,
+    description: str,
+    log_prefix: str,
+) -> tuple[Denoiser, float, list[list[float]]]:
+    """Train ``denoiser`` in place by epsilon prediction on ``(obs, actions)`` pairs: Adam, uniform minibatches of
+    ``behavior_batch_size`` drawn with ``generator``, and an EMA copy of the weights when ``behavior_ema > 0`` (the
+    behaviour model of stage 1 and its critic-guided refinement both train this way).
+
+    :param denoiser: the network to train (its mode and grad flags are set here)
+    :param obs: (N, O) normalised observations
+    :param actions: (N, A) target actions in [-1, 1]
+    :param config: reads ``behavior_batch_size``, ``behavior_ema`` and ``n_diffusion_steps``
+    :param n_steps: gradient steps
+    :param lr: Adam's learning rate
+    :param lr_at: ``lr_at(step, n_steps)``, the learning rate of each step (None: constant ``lr``)
+    :param generator: CPU generator of the minibatch indices
+    :param logger: SB3 logger or None
+    :param progress_bar: show a progress bar
+    :param description: the progress bar's text
+    :param log_prefix: key prefix of the logged values
+    :return: the trained network (the EMA copy when ``behavior_ema > 0``; eval mode, no grad), the EMA of the training
+        loss and the loss curve (``[step, loss]`` every ~5 %)
+    """
+    denoiser.train().requires_grad_(True)
+    n = actions.shape[0]
     schedule = NoiseSchedule(config.n_diffusion_steps).to(obs.device)
     ema = copy.deepcopy(denoiser).requires_grad_(False) if config.behavior_ema > 0 else None
-    optimizer = torch.optim.Adam(denoiser.parameters(), lr=config.behavior_lr)
-    n_steps = config.behavior_steps
+    optimizer = torch.optim.Adam(denoiser.parameters(), lr=lr)
     batch = min(config.behavior_batch_size, n)
     loss_ema, curve = float("nan"), []
     log_every = max(n_steps // 20, 1)
-    bar = make_progress_bar(n_steps, progress_bar, "offline: behaviour diffusion")
+    bar = make_progress_bar(n_steps, progress_bar, description)
     for step in range(n_steps):
-        # cosine decay of the learning rate to 10 % of its initial value
-        lr = config.behavior_lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * step / max(n_steps, 1))))
-        for group in optimizer.param_groups:
-            group["lr"] = lr
+        if lr_at is not None:
+            lr = lr_at(step, n_steps)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
         idx = torch.randint(0, n, (batch,), generator=generator).to(obs.device)
         loss = schedule.training_loss(denoiser, actions[idx], obs[idx])
         optimizer.zero_grad(set_to_none=True)
@@ -115,8 +170,7 @@ def fit_behavior_model(
     bar.close()
     model = ema if ema is not None else denoiser
     model.eval().requires_grad_(False)
-    report = dict(steps=n_steps, final_loss=loss_ema, loss_curve=curve, seconds=time.time() - start)
-    return model, report
+    return model, loss_ema, curve
 
 
 @torch.no_grad()

@@ -543,17 +543,15 @@ class OfflinePretrainer:
         if cfg.policy_type == "gaussian":
             members, report = fit_gaussian_members(d.obs, d.actions, cfg, self.logger, self.progress_bar)
             return members, members.state(), report
-        behavior = self.outputs["behavior"]
+        behavior, sampler = self.outputs["behavior"], make_sampler(cfg).to(self.device)
         refine_report = None
         if cfg.refine_steps > 0:  # the members start from the critic-guided refinement of the behaviour model
             from sb3_uepo.offline.refine import refine_behavior
 
             behavior, refine_report = refine_behavior(
-                behavior, make_sampler(cfg).to(self.device), self.outputs["iql"], d.obs, cfg, self.logger, self.progress_bar
+                behavior, sampler, self.outputs["iql"], d.obs, cfg, self.logger, self.progress_bar
             )
-        members = make_diffusion_members(
-            behavior, make_sampler(cfg).to(self.device), cfg.n_members, cfg.seed + 10, cfg.member_noise
-        )
+        members = make_diffusion_members(behavior, sampler, cfg.n_members, cfg.seed + 10, cfg.member_noise)
         report: dict[str, Any] = dict(n_members=cfg.n_members, seed_noise=members.seed_noise.tolist())
         if refine_report is not None:
             report["refine"] = refine_report

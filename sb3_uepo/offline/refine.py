@@ -28,8 +28,9 @@ from typing import Any
 
 import torch
 
-from sb3_uepo.common.diffusion import ChainSampler, Denoiser, NoiseSchedule
-from sb3_uepo.offline.config import OfflineConfig, log_values, make_progress_bar
+from sb3_uepo.common.diffusion import ChainSampler, Denoiser
+from sb3_uepo.offline.behavior import train_denoiser
+from sb3_uepo.offline.config import OfflineConfig, log_values
 from sb3_uepo.offline.iql import IQLCritics
 
 
@@ -119,32 +120,19 @@ def refine_behavior(
         log_values(logger, log_prefix, dict(relative_gain=gain, applied=0.0), 0)
         return behavior, report
     report["applied"] = True
-    denoiser = copy.deepcopy(behavior).train().requires_grad_(True)
-    ema = copy.deepcopy(behavior).requires_grad_(False) if config.behavior_ema > 0 else None
-    schedule = NoiseSchedule(config.n_diffusion_steps).to(obs.device)
-    optimizer = torch.optim.Adam(denoiser.parameters(), lr=config.refine_lr)
-    n, batch = obs.shape[0], min(config.behavior_batch_size, obs.shape[0])
-    loss_ema = float("nan")
-    bar = make_progress_bar(config.refine_steps, progress_bar, "offline: critic-guided refinement")
-    log_every = max(config.refine_steps // 20, 1)
-    for step in range(config.refine_steps):
-        idx = torch.randint(0, n, (batch,), generator=generator).to(obs.device)
-        loss = schedule.training_loss(denoiser, targets[idx], obs[idx])
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        if ema is not None:
-            with torch.no_grad():
-                for p_ema, p in zip(ema.parameters(), denoiser.parameters(), strict=True):
-                    p_ema.lerp_(p, 1.0 - config.behavior_ema)
-        value = float(loss.detach())
-        loss_ema = value if loss_ema != loss_ema else 0.98 * loss_ema + 0.02 * value
-        bar.update(1)
-        if (step + 1) % log_every == 0 or step + 1 == config.refine_steps:
-            bar.set_postfix(loss=f"{loss_ema:.4f}")
-            log_values(logger, log_prefix, dict(loss=loss_ema), step + 1)
-    bar.close()
-    model = ema if ema is not None else denoiser
-    model.eval().requires_grad_(False)
+    model, loss_ema, _ = train_denoiser(
+        copy.deepcopy(behavior),
+        obs,
+        targets,
+        config,
+        config.refine_steps,
+        config.refine_lr,
+        None,
+        generator,
+        logger,
+        progress_bar,
+        "offline: critic-guided refinement",
+        log_prefix,
+    )
     report.update(steps=config.refine_steps, final_loss=loss_ema, seconds=time.time() - start)
     return model, report
