@@ -276,3 +276,17 @@ def test_algo_kwargs_schedule_strings_become_linear_schedules():
     assert kwargs["learning_rate"] == "lin_1e-4"  # the spec keeps the string (run names and resumption)
     with pytest.raises(ValueError, match="lin_<float>"):
         with_schedules({"learning_rate": "lin_fast"})
+
+
+def test_online_only_policy_kwargs_keep_the_offline_checkpoints():
+    """An online ablation (exploration, fine-tuned steps) reuses the offline phase; an architecture change does not."""
+    from sb3_uepo.benchmark.runner import RunSpec, offline_dir
+
+    def spec(**policy_kwargs) -> RunSpec:
+        algo_kwargs = {"policy_kwargs": policy_kwargs} if policy_kwargs else {}
+        return RunSpec("Hopper-v5", "hopper-medium-v0", "uepo", 0, 1000, algo_kwargs=algo_kwargs)
+
+    plain = offline_dir("out", spec())
+    assert offline_dir("out", spec(exploration_std=0.15, ft_denoising_steps=1, value_lr_scale=3.0)) == plain
+    assert offline_dir("out", spec(net_arch=[64, 64])) != plain
+    assert offline_dir("out", spec(net_arch=[64, 64], exploration_std=0.15)) == offline_dir("out", spec(net_arch=[64, 64]))

@@ -204,18 +204,30 @@ SHARED_OFFLINE_PHASE = {"uepo_steer": "uepo"}
 
 # Algorithms whose offline phase depends on these settings only (not on the online budget or online kwargs).
 OFFLINE_SETTINGS_ONLY = ("uepo", "uni_o4")
+# Policy kwargs that only the online phase reads (exploration, which denoising steps fine-tune, learning rates): an
+# online ablation of them (e.g. ``uepo.policy_kwargs={"exploration_std": 0.15}``) keeps the offline checkpoints.
+ONLINE_ONLY_POLICY_KWARGS = frozenset(
+    {"exploration_std", "explore_frozen_steps", "noise_clip", "ft_denoising_steps", "value_lr_scale", "optimizer_class",
+     "optimizer_kwargs"}
+)  # fmt: skip
 
 
 def offline_dir(out_dir: str | os.PathLike, spec: RunSpec) -> Path:
     """Where a run's offline stages are checkpointed: one directory per task, seed and offline settings. ``uepo`` and
     ``uepo_steer`` share theirs (the online phase differs, the offline one does not); runs of ``uepo`` or ``uni_o4``
-    that differ only online (budget, ``--algo-kwargs``) share theirs too."""
+    that differ only online (budget, ``--algo-kwargs``, the policy kwargs in :data:`ONLINE_ONLY_POLICY_KWARGS`) share
+    theirs too."""
     algo = SHARED_OFFLINE_PHASE.get(spec.algo, spec.algo)
     if algo in OFFLINE_SETTINGS_ONLY:
         keys = ("env_id", "dataset", "seed", "preset", "offline_kwargs")
         settings_data: dict[str, Any] = {"algo": algo, **{key: spec.to_dict()[key] for key in keys}}
-        if "policy_kwargs" in spec.algo_kwargs:  # may set the architecture of the offline networks
-            settings_data["policy_kwargs"] = spec.algo_kwargs["policy_kwargs"]
+        offline_policy_kwargs = {  # the architecture of the offline networks, say
+            key: value
+            for key, value in (spec.algo_kwargs.get("policy_kwargs") or {}).items()
+            if key not in ONLINE_ONLY_POLICY_KWARGS
+        }
+        if offline_policy_kwargs:
+            settings_data["policy_kwargs"] = offline_policy_kwargs
     else:
         settings_data = spec.to_dict()
     settings = hashlib.sha256(json.dumps(settings_data, sort_keys=True, default=str).encode()).hexdigest()[:10]
