@@ -161,7 +161,8 @@ def test_resume_inside_offline_ppo(tmp_path, monkeypatch, run_pipeline):
 
 
 def test_by_default_the_behaviour_model_is_handed_on_without_offline_ppo(run_pipeline, tiny_config):
-    result = run_pipeline(config=tiny_config(offline_improvement=False))
+    """No offline PPO by default: the behaviour model (here unrefined: refine_steps=0) is the policy handed on."""
+    result = run_pipeline(config=tiny_config(offline_improvement=False, refine_steps=0))
     assert result.stage_reports["offline_ppo"]["steps"] == 0 and "offline improvement is off" in result.chosen_reason
     assert "skipped" in result.stage_reports["dynamics"]  # no OPE rollouts: no model
     assert result.chosen_member == 0 and torch.equal(result.seed_noise, torch.zeros(2))

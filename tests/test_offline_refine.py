@@ -77,7 +77,15 @@ def test_pipeline_hands_on_the_refined_model_and_keeps_the_behaviour_model(tiny_
     assert "refined in 20 steps" in stage_summary("members", result.stage_reports["members"])
     assert result.chosen_member == 0
     assert any(not torch.equal(result.policy_state_dict[k], v) for k, v in result.behavior_state_dict.items())
-    plain = pretrain(tiny_dataset(), OBS_SPACE, ACT_SPACE, tiny_config(), progress_bar=False)
+    plain = pretrain(tiny_dataset(), OBS_SPACE, ACT_SPACE, tiny_config(refine_steps=0), progress_bar=False)  # off
     assert "refine" not in plain.stage_reports["members"]
     for key, value in plain.behavior_state_dict.items():
         assert torch.equal(plain.policy_state_dict[key], value), key
+
+
+def test_refinement_is_on_by_default_with_its_gate_and_quick_trains_the_critics_it_needs():
+    from sb3_uepo.offline.config import OfflineConfig, resolve_offline_config
+
+    assert OfflineConfig().refine_steps > 0 and OfflineConfig().refine_min_gain > 0.0
+    quick = resolve_offline_config("quick")
+    assert quick.refine_steps > 0 and quick.iql_steps >= 30_000  # 10k-step critics could not rank the candidates
