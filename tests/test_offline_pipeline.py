@@ -12,7 +12,7 @@ from torch import nn
 from sb3_uepo.offline import pipeline as pipeline_module
 from sb3_uepo.offline.config import resolve_offline_config
 from sb3_uepo.offline.offline_ppo import OfflinePolicyImprovement
-from sb3_uepo.offline.pipeline import OfflinePretrainer, OfflineResult, pretrain
+from sb3_uepo.offline.pipeline import STAGES, OfflinePretrainer, OfflineResult, pretrain
 
 pytestmark = pytest.mark.filterwarnings("ignore:No termination rule is known")
 
@@ -338,3 +338,67 @@ def test_a_setting_added_later_keeps_older_checkpoints_valid_at_their_value(tiny
     # Gaussian members have no behaviour model: its later-added settings never change their fingerprint
     gaussian = [fingerprint(tiny_config("quick+uni_o4", behavior_top_fraction=f)) for f in (1.0, 0.5)]
     assert gaussian[0] == gaussian[1]
+
+
+def _same_result(a, b):
+    assert a.chosen_member == b.chosen_member and a.best_ope_scores == b.best_ope_scores
+    for left, right in (
+        (a.policy_state_dict, b.policy_state_dict),
+        (a.value_state_dict, b.value_state_dict),
+        (a.behavior_state_dict or {}, b.behavior_state_dict or {}),
+    ):
+        assert left.keys() == right.keys()
+        for key in left:
+            assert torch.equal(left[key], right[key]), key
+
+
+@pytest.mark.parametrize("preset", ["quick", "quick+uni_o4"])
+def test_independent_stages_side_by_side_give_the_same_result(tmp_path, run_pipeline, tiny_config, preset, capsys):
+    """Behaviour model, critics and dynamics (diffusion) or critics and Gaussian members (uni_o4) in worker processes:
+    the same weights, OPE scores and choice as one by one in this process, with the same torch thread count."""
+    from stable_baselines3.common.logger import configure
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        in_order = run_pipeline(config=tiny_config(preset))
+        logger = configure(str(tmp_path / "log"), ["csv"])
+        side_by_side = run_pipeline(
+            config=tiny_config(preset), n_jobs=3, checkpoint_dir=tmp_path / "ckpt", logger=logger, verbose=1
+        )
+    finally:
+        torch.set_num_threads(threads)
+    names = "behavior, iql, dynamics" if preset == "quick" else "iql, members"
+    assert f"training {names} side by side in {len(names.split(', '))} worker processes" in capsys.readouterr().out
+    _same_result(in_order, side_by_side)
+    assert set(side_by_side.seconds) == set(STAGES)
+    header = (tmp_path / "log" / "progress.csv").read_text().splitlines()[0].split(",")
+    assert "offline/iql/value_loss" in header  # what the workers logged reaches the parent's logger
+    # the checkpoints of a side-by-side run resume like any other
+    again = run_pipeline(config=tiny_config(preset), checkpoint_dir=tmp_path / "ckpt")
+    _same_result(side_by_side, again)
+
+
+def test_side_by_side_stages_draw_their_progress_bars_in_the_parent(tiny_config, tiny_dataset, capsys):
+    result = pretrain(tiny_dataset(), OBS_SPACE, ACT_SPACE, tiny_config(), progress_bar=True, n_jobs=2, verbose=1)
+    captured = capsys.readouterr()
+    assert "training behavior, iql, dynamics side by side in 2 worker processes" in captured.out
+    assert "offline: IQL critics" in captured.err and "offline: behaviour diffusion" in captured.err
+    assert result.chosen_member in (0, 1)
+
+
+def test_n_jobs_must_be_positive(tiny_config, tiny_dataset):
+    with pytest.raises(ValueError, match="n_jobs must be >= 1"):
+        OfflinePretrainer(tiny_dataset(), OBS_SPACE, ACT_SPACE, tiny_config(), n_jobs=0)
+
+
+def test_broken_worker_processes_fall_back_to_one_by_one(run_pipeline, tiny_config, monkeypatch):
+    from sb3_uepo.offline import parallel
+
+    def broken(*args, **kwargs):
+        raise parallel.WorkerError("the worker of stage 'behavior' stopped (exit code 1)")
+
+    monkeypatch.setattr(parallel, "run_side_by_side", broken)
+    with pytest.warns(UserWarning, match="if __name__ == '__main__'"):
+        result = run_pipeline(config=tiny_config(), n_jobs=2)
+    assert set(result.seconds) == set(STAGES)

@@ -147,6 +147,15 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     train.add_argument("--eval-episodes", type=int, default=10, metavar="N", help="episodes of each evaluation (default: 10)")
     train.add_argument("--device", default="auto", help="torch device (default: auto, i.e. cuda when available)")
     train.add_argument("--threads", type=int, default=1, metavar="N", help=THREADS_HELP)
+    train.add_argument(
+        "--offline-jobs",
+        type=int,
+        default=None,
+        metavar="N",
+        help="worker processes of the offline phase: the behaviour model and the critics (and the dynamics ensemble "
+        "when it runs) train side by side, each with --threads threads; same weights as one by one (default: 2 on a "
+        "machine with 2 or more cores, else 1)",
+    )
     train.add_argument("--verbose", type=int, default=1, choices=(0, 1, 2), help="SB3 verbosity (default: 1)")
     train.add_argument(
         "--no-progress", action="store_true", help="no progress bars (for logs and CI; one line per offline stage stays)"
@@ -242,6 +251,7 @@ def validate_train_args(args: argparse.Namespace) -> tuple[dict[str, Any], dict[
         ("--online-steps", args.online_steps, 0),
         ("--n-envs", args.n_envs, 1),
         ("--threads", args.threads, 1),
+        ("--offline-jobs", getattr(args, "offline_jobs", None), 1),
         ("--seed", args.seed, 0),
         ("--eval-episodes", args.eval_episodes, 0),
         ("--checkpoint-every", args.checkpoint_every, 0),
@@ -263,6 +273,13 @@ def validate_train_args(args: argparse.Namespace) -> tuple[dict[str, Any], dict[
 
     resolve_offline_config(args.preset, offline_kwargs)  # unknown preset or key, wrong type or range
     return offline_kwargs, params
+
+
+def offline_jobs(args: argparse.Namespace) -> int:
+    """``--offline-jobs``, or its default: 2 worker processes where the machine has 2 or more cores."""
+    if getattr(args, "offline_jobs", None) is not None:
+        return int(args.offline_jobs)
+    return 2 if (os.cpu_count() or 1) >= 2 else 1
 
 
 def check_env_id(env_id: str) -> None:
@@ -390,7 +407,7 @@ def _train(
         "verbose": args.verbose,
         "device": args.device,
         "tensorboard_log": str(out.with_name(out.name + "_tb")) if args.tensorboard else None,
-        **({"pretrain_dir": str(pretrain_dir)} if dataset is not None else {}),
+        **({"pretrain_dir": str(pretrain_dir), "pretrain_jobs": offline_jobs(args)} if dataset is not None else {}),
         **params,
     }
     if offline_kwargs:

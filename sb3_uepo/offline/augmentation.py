@@ -309,7 +309,7 @@ def _fit_transition_diffusion(
     x: torch.Tensor, config: AugmentationConfig, logger: Any, progress_bar: bool
 ) -> tuple[Denoiser, NoiseSchedule, float]:
     """Train ``eps(x_k, k)`` on scaled transitions (N, X); returns the (EMA) denoiser, the schedule, the last loss."""
-    from tqdm.auto import tqdm
+    from sb3_uepo.offline.config import make_progress_bar  # config imports this module: import when called
 
     device = x.device
     schedule = NoiseSchedule(config.n_diffusion_steps).to(device)
@@ -319,7 +319,9 @@ def _fit_transition_diffusion(
     batch = min(config.batch_size, x.shape[0])
     empty_cond = x.new_zeros(batch, 0)
     loss_ema = float("nan")
-    for step in tqdm(range(config.train_steps), disable=not progress_bar, desc="transition diffusion", leave=False):
+    bar = make_progress_bar(config.train_steps, progress_bar, "transition diffusion")
+    for step in range(config.train_steps):
+        bar.update(1)
         idx = torch.randint(0, x.shape[0], (batch,), device=device)
         loss = schedule.training_loss(denoiser, x[idx], empty_cond)
         optimizer.zero_grad(set_to_none=True)
@@ -333,6 +335,7 @@ def _fit_transition_diffusion(
         if logger is not None and (step + 1) % 500 == 0:
             logger.record("augmentation/diffusion_loss", loss_ema)
             logger.dump(step=step + 1)
+    bar.close()
     return (ema if config.ema_decay > 0 else denoiser), schedule, loss_ema
 
 

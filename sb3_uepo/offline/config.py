@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -440,8 +441,20 @@ def log_values(logger: Any, prefix: str, values: dict[str, float], step: int) ->
     logger.dump(step=step)
 
 
-def make_progress_bar(total: int, enabled: bool, desc: str) -> Any:
+# Set in the worker processes of stages run side by side (``parallel.py``): their bars are drawn by the parent.
+progress_bar_factory: Callable[[int, bool, str], Any] | None = None
+
+
+def tqdm_bar(total: int, enabled: bool, desc: str) -> Any:
     """A tqdm bar of ``total`` steps (disabled when ``enabled`` is False)."""
     from tqdm.auto import tqdm
 
     return tqdm(total=total, disable=not enabled, desc=desc, leave=False, dynamic_ncols=True)
+
+
+def make_progress_bar(total: int, enabled: bool, desc: str) -> Any:
+    """A stage's progress bar of ``total`` steps (disabled when ``enabled`` is False): a tqdm bar, or in a worker
+    process of stages run side by side, one that the parent process draws."""
+    if progress_bar_factory is not None:
+        return progress_bar_factory(total, enabled, desc)
+    return tqdm_bar(total, enabled, desc)

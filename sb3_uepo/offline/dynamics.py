@@ -511,9 +511,9 @@ def _copy_members(best: dict[str, torch.Tensor], current: dict[str, torch.Tensor
 
 
 def _progress(total: int, enabled: bool, desc: str) -> Any:
-    from tqdm.auto import tqdm
+    from sb3_uepo.offline.config import make_progress_bar  # config imports this module: import when called
 
-    return tqdm(total=total, disable=not enabled, desc=desc, leave=False)
+    return make_progress_bar(total, enabled, desc)
 
 
 def _log(logger: Any, prefix: str, step: int, values: dict[str, float]) -> None:

@@ -20,6 +20,10 @@ offline_ppo offline PPO of all members at once with the regularisers; OPE every 
            member's previous policy; resumable inside the stage (a partial checkpoint at every OPE)
 ========== ===============================================================================================
 
+With ``n_jobs >= 2`` the stages that read no other stage's output (behaviour model, critics, dynamics ensemble; the
+Gaussian members) train side by side in worker processes (``parallel.py``), each checkpointed as soon as it finishes;
+the same weights as one by one with the same torch thread count.
+
 Then a member is handed on: with offline improvement off (the default for diffusion members) member 0, the behaviour
 model itself; with it on, the best-by-OPE policy of the member with the highest ``choice_score``.
 
@@ -289,6 +293,9 @@ class OfflinePretrainer:
     :param resume: continue from ``checkpoint_dir``'s completed stages (False: start over and overwrite)
     :param verbose: 1 prints one line per stage (name, steps, seconds, its key metric) and what a rerun resumed from,
         so that a long run can be followed in a log; 0 prints nothing
+    :param n_jobs: worker processes for the stages that read no other stage's output (the behaviour model, the
+        critics, the dynamics ensemble; the Gaussian members): with 2 or more they train side by side (``parallel.py``),
+        each with this process's torch thread count; 1 runs every stage here, in order
     """
 
     def __init__(
@@ -305,8 +312,12 @@ class OfflinePretrainer:
         termination_fn: Callable[[torch.Tensor], torch.Tensor] | None = None,
         resume: bool = True,
         verbose: int = 0,
+        n_jobs: int = 1,
     ) -> None:
         self.config = config if isinstance(config, OfflineConfig) else resolve_offline_config(config)
+        if int(n_jobs) < 1:
+            raise ValueError(f"n_jobs must be >= 1 (worker processes for the independent stages), got {n_jobs}")
+        self.n_jobs = int(n_jobs)
         self.verbose = verbose
         self.config.validate()
         self.dataset = dataset
@@ -319,6 +330,16 @@ class OfflinePretrainer:
         self.env_id = env_id or getattr(dataset, "env_id", None)
         self.custom_termination = termination_fn
         self.resume = resume
+        # what a worker process rebuilds this pretrainer from, to compute a stage side by side with others
+        self._worker_kwargs = dict(
+            dataset=dataset,
+            observation_space=observation_space,
+            action_space=action_space,
+            config=self.config,
+            progress_bar=progress_bar,
+            device=device,
+            env_id=self.env_id,
+        )
         self.data = OfflineData.from_dataset(self.dataset, self.observation_space, self.action_space, self.device)
         self.segment_sampler = (
             SegmentSampler(self.data.episode_starts.cpu(), self.config.segment_length) if self.config.needs_segments else None
@@ -378,7 +399,7 @@ class OfflinePretrainer:
         self.completed, self.reports, self.seconds = progress.completed, progress.reports, progress.seconds
 
     def _save_stage(self, name: str, payload: dict[str, Any]) -> None:
-        self.completed.append(name)
+        self.completed = sorted({*self.completed, name}, key=STAGES.index)  # stages side by side finish in any order
         if self.checkpoints is not None:
             progress = Progress(self.completed, self.reports, self.seconds)
             self.checkpoints.save_stage(name, payload, progress, self.config.to_dict())
@@ -395,39 +416,90 @@ class OfflinePretrainer:
 
     def _run(self) -> OfflineResult:
         self._load_progress()
-        restored: list[str] = []
-        computing = False  # a stage has been (re)computed in this run
-        for name in STAGES:
-            if name in self.completed:
-                try:
-                    self.outputs[name] = self._restore(name)
-                    restored.append(name)
-                    continue
-                except Exception as exc:  # a truncated or foreign file: recompute this stage and every later one
-                    warnings.warn(
-                        f"the checkpoint of stage '{name}' in {self.checkpoint_dir} is unreadable "
-                        f"({type(exc).__name__}: {exc}); stage '{name}' and the later ones are recomputed",
-                        stacklevel=2,
-                    )
-                    self.completed = self.completed[: self.completed.index(name)]
-                    self._say(f"checkpoint of stage {name} unreadable: recomputing from it")
-            if restored and not computing:
-                self._say(f"resuming from stage {name} ({', '.join(restored)} restored from {self.checkpoint_dir})")
-            computing = True
-            start = time.time()
-            with torch.random.fork_rng(devices=[]):  # every stage seeded on its own: resumed runs draw the same numbers
-                torch.manual_seed(self.config.seed + 1000 * (STAGES.index(name) + 1))
-                output, payload, report = getattr(self, f"_stage_{name}")()
-            self.seconds[name] = self.seconds.get(name, 0.0) + time.time() - start
-            report = dict(report, seconds=self.seconds[name])
-            self.reports[name] = jsonable(report)
-            self.outputs[name] = output
-            self._save_stage(name, payload)
-            log_values(self.logger, f"offline/{name}", {"seconds": self.seconds[name]}, 0)
-            self._say(stage_summary(name, self.reports[name]))
-        if not computing and restored:
+        restored = self._restore_completed()
+        pending = [name for name in STAGES if name not in self.completed]
+        if restored and pending:
+            self._say(f"resuming from stage {pending[0]} ({', '.join(restored)} restored from {self.checkpoint_dir})")
+        elif restored:
             self._say(f"every stage restored from {self.checkpoint_dir}")
+        self._compute_side_by_side(pending)
+        for name in pending:
+            if name not in self.completed:  # (not computed side by side)
+                start = time.time()
+                output, payload, report = self.compute_stage(name)
+                self._finish_stage(name, output, payload, report, time.time() - start)
         return self._result()
+
+    def _restore_completed(self) -> list[str]:
+        """Restore the completed stages of an earlier run; a stage whose checkpoint is unreadable is recomputed, with
+        every later one."""
+        restored: list[str] = []
+        for name in STAGES:
+            if name not in self.completed:
+                continue
+            try:
+                self.outputs[name] = self._restore(name)
+                restored.append(name)
+            except Exception as exc:  # a truncated or foreign file: recompute this stage and every later one
+                warnings.warn(
+                    f"the checkpoint of stage '{name}' in {self.checkpoint_dir} is unreadable "
+                    f"({type(exc).__name__}: {exc}); stage '{name}' and the later ones are recomputed",
+                    stacklevel=3,
+                )
+                self.completed = [s for s in self.completed if STAGES.index(s) < STAGES.index(name)]
+                self._say(f"checkpoint of stage {name} unreadable: recomputing from it")
+                break
+        return restored
+
+    def _finish_stage(self, name: str, output: Any, payload: dict[str, Any], report: dict[str, Any], seconds: float) -> None:
+        """Keep a computed stage: its output, report and time, its checkpoint, its log line."""
+        self.seconds[name] = self.seconds.get(name, 0.0) + seconds
+        report = dict(report, seconds=self.seconds[name])
+        self.reports[name] = jsonable(report)
+        self.outputs[name] = output
+        self._save_stage(name, payload)
+        log_values(self.logger, f"offline/{name}", {"seconds": self.seconds[name]}, 0)
+        self._say(stage_summary(name, self.reports[name]))
+
+    def compute_stage(self, name: str) -> tuple[Any, dict[str, Any], dict[str, Any]]:
+        """Compute one stage from the outputs of the earlier ones: (output, checkpoint payload, report)."""
+        with torch.random.fork_rng(devices=[]):  # every stage seeded on its own: resumed runs draw the same numbers
+            torch.manual_seed(self.config.seed + 1000 * (STAGES.index(name) + 1))
+            return getattr(self, f"_stage_{name}")()
+
+    def _independent(self, name: str) -> bool:
+        """Whether stage ``name`` does real work here without reading another stage's output."""
+        cfg = self.config
+        if name == "behavior":
+            return cfg.policy_type == "diffusion"
+        if name == "iql":
+            return True
+        if name == "dynamics":  # a custom termination rule need not pickle
+            return cfg.needs_dynamics and self.custom_termination is None
+        return name == "members" and cfg.policy_type == "gaussian"
+
+    def _compute_side_by_side(self, pending: list[str]) -> None:
+        """With ``n_jobs > 1`` on the CPU: compute the pending independent stages in worker processes, side by side;
+        each is kept (checkpointed) as soon as it finishes."""
+        names = [name for name in pending if self._independent(name)]
+        if self.n_jobs < 2 or len(names) < 2 or self.device.type != "cpu":
+            return
+        from sb3_uepo.offline.parallel import WorkerError, replay, run_side_by_side
+
+        def done(name: str, payload: dict[str, Any], report: dict[str, Any], seconds: float, logged: list) -> None:
+            replay(logged, self.logger)
+            self._finish_stage(name, self._from_payload(name, payload), payload, report, seconds)
+
+        self._say(f"training {', '.join(names)} side by side in {min(self.n_jobs, len(names))} worker processes")
+        try:
+            run_side_by_side(names, self._worker_kwargs, self.n_jobs, self.progress_bar, done)
+        except WorkerError as exc:
+            warnings.warn(
+                f"{exc}; the stages left run one by one in this process instead. A script that starts worker processes "
+                "must run its work under `if __name__ == '__main__':` (they are spawned and import the main module); "
+                "pretrain_jobs=1 (uepo train --offline-jobs 1) never starts any",
+                stacklevel=3,
+            )
 
     def _say(self, line: str) -> None:
         if self.verbose >= 1:
@@ -435,7 +507,10 @@ class OfflinePretrainer:
 
     def _restore(self, name: str) -> Any:
         assert self.checkpoints is not None
-        payload = self.checkpoints.load_stage(name, self.device)
+        return self._from_payload(name, self.checkpoints.load_stage(name, self.device))
+
+    def _from_payload(self, name: str, payload: dict[str, Any]) -> Any:
+        """A stage's output rebuilt from its checkpoint payload."""
         cfg, d = self.config, self.data
         obs_dim, action_dim = d.obs.shape[1], d.actions.shape[1]
         if name == "behavior":

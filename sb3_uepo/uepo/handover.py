@@ -221,6 +221,7 @@ class OfflineHandoverMixin:
             device=self.device,
             env_id=getattr(dataset, "env_id", None) or self._env_id(),
             verbose=self.verbose,
+            n_jobs=getattr(self, "pretrain_jobs", 1),  # models saved before the option existed have none
         )
         result = pretrainer.run()
         self.offline_result = result
