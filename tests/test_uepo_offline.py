@@ -310,3 +310,29 @@ def test_the_same_seed_gives_the_same_offline_policy_and_score(diffusion_model, 
     for key, value in first.items():
         assert th.equal(value, second[key]), key
     np.testing.assert_array_equal(returns_a, returns_b)
+
+
+def test_pretrain_jobs_reach_the_offline_pipeline_and_give_the_same_policy(diffusion_model, monkeypatch):
+    from sb3_uepo.offline import pipeline
+
+    seen = []
+    original = pipeline.OfflinePretrainer.__init__
+
+    def spy(self, *args, **kwargs):
+        seen.append(kwargs.get("n_jobs"))
+        original(self, *args, **kwargs)
+
+    monkeypatch.setattr(pipeline.OfflinePretrainer, "__init__", spy)
+    threads = th.get_num_threads()
+    th.set_num_threads(1)
+    try:
+        one, two = diffusion_model(), diffusion_model(pretrain_jobs=2)
+        one.pretrain()
+        two.pretrain()
+    finally:
+        th.set_num_threads(threads)
+    assert seen == [1, 2]
+    for key, value in one.policy.state_dict().items():
+        assert th.equal(value, two.policy.state_dict()[key]), key
+    with pytest.raises(ValueError, match="pretrain_jobs must be >= 1"):
+        diffusion_model(pretrain_jobs=0)
