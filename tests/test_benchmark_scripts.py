@@ -91,3 +91,22 @@ def test_noise_inversion_reports_reproduced_share_and_box_share(tiny_diffusion_p
     row = module.measure(policy, data, n=8, bound=0.5, tolerance=0.1, seed=0)
     assert row["transitions"] == 8 and 0.0 <= row["reproduced_inside_box"] <= row["reproduced"] <= 1.0
     assert row["median_residual"] >= 0.0 and row["median_max_abs_noise"] >= 0.0
+
+
+def test_offline_speed_times_both_ways_and_checks_the_same_policy(tmp_path, pendulum_npz, tiny_offline_kwargs):
+    import json
+
+    spec = importlib.util.spec_from_file_location("offline_speed", ROOT / "benchmarks" / "offline_speed.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    sizes = dict(denoiser_hidden_sizes=[16, 16], value_net_arch=[16, 16], n_diffusion_steps=6, n_sampling_steps=3)
+    offline = json.dumps({**tiny_offline_kwargs, **sizes})
+    threads = torch.get_num_threads()
+    try:
+        record = module.main(
+            ["--dataset", str(pendulum_npz), "--env", "Pendulum-v1", "--offline", offline, "--json", str(tmp_path / "s.json")]
+        )
+    finally:
+        torch.set_num_threads(threads)
+    assert record["same_policy"] is True and record["speedup"] > 0
+    assert set(record["runs"]) == {1, 2} and json.loads((tmp_path / "s.json").read_text())["jobs"] == 2
