@@ -323,6 +323,7 @@ def test_a_setting_added_later_keeps_older_checkpoints_valid_at_their_value(tiny
     later = pipeline_module.LATER_FIELDS
     legacy = fingerprint(tiny_config(**later))
     other = dict(behavior_top_fraction=0.5, refine_steps=5, refine_candidates=4, refine_lr=1e-3, refine_min_gain=0.0)
+    other["refine_gate_states"] = 9
     assert set(other) == set(later)
     changed = {fingerprint(tiny_config(**{**later, name: value})) for name, value in other.items()}
     to_dict = OfflineConfig.to_dict

@@ -89,3 +89,33 @@ def test_refinement_is_on_by_default_with_its_gate_and_quick_trains_the_critics_
     assert OfflineConfig().refine_steps > 0 and OfflineConfig().refine_min_gain > 0.0
     quick = resolve_offline_config("quick")
     assert quick.refine_steps > 0 and quick.iql_steps >= 30_000  # 10k-step critics could not rank the candidates
+
+
+def test_the_gate_is_estimated_on_a_subset_and_the_full_choice_made_only_when_it_passes(parts, tiny_config, monkeypatch):
+    from sb3_uepo.offline import refine
+
+    denoiser, sampler, critics, obs = parts
+    calls = []
+    original = refine.select_actions
+
+    def counting(denoiser, sampler, critics, states, *args, **kwargs):
+        calls.append(states.shape[0])
+        return original(denoiser, sampler, critics, states, *args, **kwargs)
+
+    monkeypatch.setattr(refine, "select_actions", counting)
+    skip = tiny_config(refine_steps=20, refine_candidates=8, refine_min_gain=1e6, refine_gate_states=16)
+    kept, report = refine.refine_behavior(denoiser, sampler, critics, obs, skip, progress_bar=False)
+    assert kept is denoiser and calls == [16] and report["gate_states"] == 16  # no choice on every state
+    calls.clear()
+    subset = tiny_config(refine_steps=20, refine_candidates=8, refine_min_gain=0.0, refine_gate_states=16)
+    torch.manual_seed(3)  # the fine-tuning's own draws (the pipeline seeds every stage)
+    refined, report = refine.refine_behavior(denoiser, sampler, critics, obs, subset, progress_bar=False)
+    assert calls == [16, 50] and report["applied"] and "relative_gain_all_states" in report
+    # the refinement's targets (every state's choice) do not depend on the gate's subset: the same weights as without it
+    every = tiny_config(refine_steps=20, refine_candidates=8, refine_min_gain=0.0, refine_gate_states=0)
+    torch.manual_seed(3)
+    same, _ = refine.refine_behavior(denoiser, sampler, critics, obs, every, progress_bar=False)
+    for key, value in refined.state_dict().items():
+        assert torch.equal(value, same.state_dict()[key]), key
+    with pytest.raises(ValueError, match="refine_gate_states must be >= 0"):
+        tiny_config(refine_gate_states=-1)

@@ -77,6 +77,7 @@ LATER_FIELDS: dict[str, Any] = {  # all behaviour-model settings: unused by Gaus
     "refine_candidates": 16,
     "refine_lr": 1e-4,
     "refine_min_gain": 0.01,
+    "refine_gate_states": 0,
 }
 
 # Fields read by the offline_ppo stage alone (policy improvement, its regularisers, the OPE gate and the choice):

@@ -10,7 +10,8 @@ IQL critic scores highest. Here the choice is made once per dataset state, offli
     a*(s) = argmax_{a in {chain(s, x_0 = 0), chain(s, z_1), ..., chain(s, z_{n-1})}} min(Q_1, Q_2)(s, a),  z_j ~ N(0, I)
 
 (``chain`` the deterministic DDIM path of the behaviour model), and, when the critic's mean gain of ``a*`` over the
-``x_0 = 0`` action is at least ``refine_min_gain`` of that action's mean ``|Q|`` (the gate), a copy of the behaviour
+``x_0 = 0`` action is at least ``refine_min_gain`` of that action's mean ``|Q|`` (the gate, estimated first on
+``refine_gate_states`` random states; the choice on every state is made only when it passes), a copy of the behaviour
 denoiser is fine-tuned by the same epsilon-prediction loss on the pairs ``(s, a*(s))`` (an EMA copy is kept, as in
 stage 1). Its deterministic action from ``x_0 = 0`` then follows the critic's choice without the critic at run time,
 so the online chain-PPO, ``predict`` and steering use it unchanged. The candidates come from the behaviour model, so
@@ -79,6 +80,12 @@ def select_actions(
     return torch.cat(chosen), report
 
 
+def _relative_gain(choice: dict[str, float]) -> float:
+    """The gate's statistic: the critic's mean gain of its choice over the ``x_0 = 0`` action, per unit of that
+    action's mean ``|Q|``."""
+    return (choice["q_chosen"] - choice["q_zero_noise"]) / max(abs(choice["q_zero_noise"]), 1e-8)
+
+
 def refine_behavior(
     behavior: Denoiser,
     sampler: ChainSampler,
@@ -106,9 +113,22 @@ def refine_behavior(
     """
     start = time.time()
     generator = torch.Generator().manual_seed(config.seed + 21)
-    targets, report = select_actions(behavior, sampler, critics, obs, config.refine_candidates, generator)
+    n_states = obs.shape[0]
+    report: dict[str, Any] = {}
+    if 0 < config.refine_gate_states < n_states:  # the gate first, on a random subset of the states
+        gate_generator = torch.Generator().manual_seed(config.seed + 22)
+        subset = torch.randperm(n_states, generator=gate_generator)[: config.refine_gate_states].to(obs.device)
+        _, gate = select_actions(behavior, sampler, critics, obs[subset], config.refine_candidates, gate_generator)
+        report.update(gate, gate_states=config.refine_gate_states)
+    else:
+        gate = None
+    gain = _relative_gain(gate) if gate is not None else None
+    if gain is None or gain >= config.refine_min_gain:  # every state's choice: the refinement's targets
+        targets, choice = select_actions(behavior, sampler, critics, obs, config.refine_candidates, generator)
+        report.update(choice, gate_states=report.get("gate_states", n_states))
+        gain = _relative_gain(choice) if gain is None else gain
+        report["relative_gain_all_states"] = _relative_gain(choice)
     report["select_seconds"] = time.time() - start
-    gain = (report["q_chosen"] - report["q_zero_noise"]) / max(abs(report["q_zero_noise"]), 1e-8)
     report["relative_gain"] = gain
     if gain < config.refine_min_gain:  # the choice is within the critic's noise: keep the behaviour model
         report.update(
