@@ -83,8 +83,7 @@ class OfflineConfig:
     # refinement lowered the real score by 60-70 points; docs/algorithm.md, stage 3a). 0: always refine.
     refine_min_gain: float = 0.01
     # States the gate's statistic is estimated on (a random subset of the dataset; 0: every state). The choice over
-    # every state, the refinement's targets, is made only when the gate passes: the estimate on 8192 states was within
-    # 0.0002 of the one on every state on each of the 8 suite datasets, and skipping saves 1-2 minutes per run.
+    # every state, the refinement's targets, is made only when the gate passes (a skip saves 1-2 minutes per run).
     refine_gate_states: int = 8192
 
     # ------------------------------------------------------------------ stage 5: dynamics and augmentation (other owner)
