@@ -99,10 +99,7 @@ def run_job(env_id: str, source: str, method: str, preset: str, seed: int, episo
     # the behaviour model's final training loss (EMA), to set next to its real score: the two do not move together
     out["behavior_final_loss"] = result.stage_reports.get("behavior", {}).get("final_loss")
     out["refine"] = result.stage_reports.get("members", {}).get("refine")  # the critic-guided refinement, when asked
-    out["scores"] = {
-        mode: ev.normalized_mean
-        for mode, ev in evaluate_modes(model, env_id, MODES, n_episodes=episodes, seed=eval_seed, dataset=dataset).items()
-    }
+    out["scores"] = {}
     if method in ("uepo", "uni_o4"):
         # every stage's real score (reporting only); the Uni-O4 preset's Gaussian members deterministically only (its
         # four members before and after offline PPO: where the preset gains or loses against plain BC)
@@ -117,6 +114,12 @@ def run_job(env_id: str, source: str, method: str, preset: str, seed: int, episo
         out["random_choice_regret"] = stages.get("random_choice_regret")
         chosen = [r for r in out["stages"] if r["stage"] == "offline_ppo" and r["member"] == result.chosen_member]
         out["chosen_ope_normalized"] = chosen[0].get("ope_normalized") if chosen else None
+        # the member handed on was scored with the stages (same policy, seed and episodes): not evaluated again
+        out["scores"] = {mode: chosen[0][mode] for mode in MODES if chosen and mode in chosen[0]}
+    missing = [mode for mode in MODES if mode not in out["scores"]]
+    evaluations = evaluate_modes(model, env_id, missing, n_episodes=episodes, seed=eval_seed, dataset=dataset)
+    out["scores"].update({mode: ev.normalized_mean for mode, ev in evaluations.items()})
+    out["scores"] = {mode: out["scores"][mode] for mode in MODES}
     if method == "uepo":
         behavior = next(row for row in out["stages"] if row["stage"] == "behavior")
         out["diffusion_bc"] = {mode: behavior[mode] for mode in MODES}
