@@ -15,7 +15,8 @@ Methods (same ``--preset`` budget, same seeds, same evaluation episodes):
   the behaviour diffusion model (``diffusion_bc``), of every member before and after offline PPO next to its OPE
   score, and the chosen member's regret;
 * ``uni_o4``: the ``<preset>+uni_o4`` variant (Gaussian members by separate BC, offline PPO, mean-Q OPE);
-* ``bc``: the ``bc`` variant, one Gaussian MLP by maximum likelihood (the floor).
+* ``bc``: the ``bc`` variant, one Gaussian MLP by maximum likelihood (the floor); its critics are not trained here
+  (``iql_steps=0``: plain BC reads none, and the suite scores it offline only).
 
 Every policy is evaluated deterministically and stochastically. The table gives, per dataset and method, the
 normalised score (mean over seeds) and, over all datasets, the mean and the IQM with a stratified 95% bootstrap CI.
@@ -85,6 +86,8 @@ def run_job(env_id: str, source: str, method: str, preset: str, seed: int, episo
     from sb3_uepo.offline.pipeline import OfflinePretrainer
 
     dataset = load_dataset(source)
+    if method == "bc":  # plain BC reads no critic (one member: no choice to make); the suite scores it offline only
+        offline = {"iql_steps": 0, **offline}
     variant = {"uepo": preset, "uni_o4": f"{preset}+uni_o4", "bc": f"{preset}+bc"}[method]
     policy = "DiffusionPolicy" if method == "uepo" else "MlpPolicy"
     model = UEPO(policy, env_id, dataset=dataset, preset=variant, offline_kwargs=dict(offline), seed=seed)
