@@ -276,7 +276,8 @@ def _check_types(config: Any, where: str) -> None:
 # A preset is a dict of overrides on the OfflineConfig defaults ("default" is the empty dict). Nested configs take
 # a dict of their own fields. Budget presets set step counts; variant presets (uni_o4) set switches.
 PRESETS: dict[str, dict[str, Any]] = {
-    # Real but small: the whole offline phase on ~80k Hopper transitions in about 7 minutes on 2 CPU cores.
+    # Real but small: the whole offline phase on ~80k Hopper transitions in about 3 minutes on 2 CPU cores (the
+    # behaviour model and the critics side by side; about 5 minutes one by one).
     # Measured on the embedded Hopper data (80k transitions): see docs/benchmarks.md, "Main job".
     "quick": dict(
         # 3k steps left the behaviour model unconverged: with 30k it reaches its data's level on HalfCheetah-v5 medium
