@@ -24,12 +24,12 @@ import torch
 
 def run(dataset_source: str, env_id: str, preset: str, n_jobs: int, seed: int, offline: dict) -> tuple[float, object]:
     from sb3_uepo import UEPO
+    from sb3_uepo.commands.train import default_policy
     from sb3_uepo.common.datasets import load_dataset
     from sb3_uepo.offline.pipeline import OfflinePretrainer
 
     dataset = load_dataset(dataset_source)
-    policy = "MlpPolicy" if "uni_o4" in preset or "bc" in preset else "DiffusionPolicy"
-    model = UEPO(policy, env_id, dataset=dataset, preset=preset, seed=seed, offline_kwargs=dict(offline))
+    model = UEPO(default_policy(preset), env_id, dataset=dataset, preset=preset, seed=seed, offline_kwargs=dict(offline))
     start = time.perf_counter()
     result = OfflinePretrainer(
         dataset, model.observation_space, model.action_space, model.offline_config(), progress_bar=False, n_jobs=n_jobs

@@ -28,7 +28,7 @@ import torch
 
 from sb3_uepo.offline import config as config_module
 
-# where a worker's progress bars report: a queue set by the worker's initializer (None in the parent)
+# where a worker's progress bars report: the queue _worker_main sets (None in the parent)
 _progress_queue: Any = None
 
 
@@ -84,10 +84,7 @@ class _RelayBar:
 def _relay_or_tqdm(total: int, enabled: bool, desc: str) -> Any:
     if enabled and _progress_queue is not None:
         return _RelayBar(total, desc, _progress_queue)
-    return _make_tqdm(total, enabled, desc)
-
-
-_make_tqdm = config_module.tqdm_bar
+    return config_module.tqdm_bar(total, enabled, desc)
 
 
 class WorkerError(RuntimeError):
@@ -188,7 +185,7 @@ def _drain(progress: Any, bars: dict[str, Any]) -> None:
         except queue.Empty:
             return
         if kind == "open":
-            bars[desc] = _make_tqdm(n, True, desc)
+            bars[desc] = config_module.tqdm_bar(n, True, desc)
         elif desc in bars and kind == "update":
             bars[desc].update(n)
         elif desc in bars and kind == "postfix":

@@ -331,16 +331,6 @@ class OfflinePretrainer:
         self.env_id = env_id or getattr(dataset, "env_id", None)
         self.custom_termination = termination_fn
         self.resume = resume
-        # what a worker process rebuilds this pretrainer from, to compute a stage side by side with others
-        self._worker_kwargs = dict(
-            dataset=dataset,
-            observation_space=observation_space,
-            action_space=action_space,
-            config=self.config,
-            progress_bar=progress_bar,
-            device=device,
-            env_id=self.env_id,
-        )
         self.data = OfflineData.from_dataset(self.dataset, self.observation_space, self.action_space, self.device)
         self.segment_sampler = (
             SegmentSampler(self.data.episode_starts.cpu(), self.config.segment_length) if self.config.needs_segments else None
@@ -493,7 +483,17 @@ class OfflinePretrainer:
 
         self._say(f"training {', '.join(names)} side by side in {min(self.n_jobs, len(names))} worker processes")
         try:
-            run_side_by_side(names, self._worker_kwargs, self.n_jobs, self.progress_bar, done)
+            # what a worker rebuilds this pretrainer from (a custom termination rule is never needed there)
+            rebuild = dict(
+                dataset=self.dataset,
+                observation_space=self.observation_space,
+                action_space=self.action_space,
+                config=self.config,
+                progress_bar=self.progress_bar,
+                device=self.device,
+                env_id=self.env_id,
+            )
+            run_side_by_side(names, rebuild, self.n_jobs, self.progress_bar, done)
         except WorkerError as exc:
             warnings.warn(
                 f"{exc}; the stages left run one by one in this process instead. A script that starts worker processes "

@@ -114,20 +114,19 @@ def refine_behavior(
     start = time.time()
     generator = torch.Generator().manual_seed(config.seed + 21)
     n_states = obs.shape[0]
-    report: dict[str, Any] = {}
-    if 0 < config.refine_gate_states < n_states:  # the gate first, on a random subset of the states
+    on_subset = 0 < config.refine_gate_states < n_states
+    report: dict[str, Any] = dict(gate_states=config.refine_gate_states if on_subset else n_states)
+    gain = None
+    if on_subset:  # the gate first, on a random subset of the states
         gate_generator = torch.Generator().manual_seed(config.seed + 22)
         subset = torch.randperm(n_states, generator=gate_generator)[: config.refine_gate_states].to(obs.device)
         _, gate = select_actions(behavior, sampler, critics, obs[subset], config.refine_candidates, gate_generator)
-        report.update(gate, gate_states=config.refine_gate_states)
-    else:
-        gate = None
-    gain = _relative_gain(gate) if gate is not None else None
+        report.update(gate)
+        gain = _relative_gain(gate)
     if gain is None or gain >= config.refine_min_gain:  # every state's choice: the refinement's targets
         targets, choice = select_actions(behavior, sampler, critics, obs, config.refine_candidates, generator)
-        report.update(choice, gate_states=report.get("gate_states", n_states))
-        gain = _relative_gain(choice) if gain is None else gain
-        report["relative_gain_all_states"] = _relative_gain(choice)
+        report.update(choice, relative_gain_all_states=_relative_gain(choice))
+        gain = report["relative_gain_all_states"] if gain is None else gain
     report["select_seconds"] = time.time() - start
     report["relative_gain"] = gain
     if gain < config.refine_min_gain:  # the choice is within the critic's noise: keep the behaviour model
