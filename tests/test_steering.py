@@ -126,12 +126,15 @@ def test_uepo_train_online_steer_saves_one_model_that_eval_loads(tmp_path, capsy
     out = tmp_path / "steered"
     offline = [f"{k}={v!r}" for k, v in tiny_offline_kwargs.items()]
     sizes = ["denoiser_hidden_sizes=(16, 16)", "value_net_arch=(16, 16)", "n_diffusion_steps=6", "n_sampling_steps=3"]
+    sizes += ["q_hidden_sizes=(256, 256)"]  # SAC's critic layout: the action-space critic starts from IQL's
     args = ["train", "--env", "Pendulum-v1", "--dataset", str(path), "--online", "steer", "--online-steps", "40"]
+    args += ["--steer-critic", "action"]
     assert main([*args, "--out", str(out), "--eval-episodes", "1", "--offline", *offline, *sizes, "--no-progress"]) == 0
     printed = capsys.readouterr().out
     assert "Online steering" in printed and "after online" in printed
     model = load_model(out.with_suffix(".zip"))
     assert isinstance(model, SteeredModel) and model.num_timesteps == 40
+    assert type(model.agent).__name__ == "ActionCriticSAC"
     assert main(["eval", str(out.with_suffix(".zip")), "--episodes", "1", "--deterministic"]) == 0
     assert main([*args, "--preset", "quick+uni_o4", "--out", str(tmp_path / "x")]) == 2
     assert "--online steer" in capsys.readouterr().err
@@ -161,3 +164,60 @@ def test_invert_noise_recovers_noises_that_reproduce_the_actions(policy):
     assert all(th.equal(p, before[name]) and p.grad is None for name, p in policy.named_parameters())
     with pytest.raises(ValueError, match="observations but"):
         invert_noise(policy, obs, actions[:3])
+
+
+def test_the_action_space_critic_values_noises_by_the_action_they_give(diffusion_model, policy, tmp_path):
+    """critic="action": SAC's critic is Q_A(s, pi(s, b w)), started from the offline IQL critic; noises that give the
+    same action get the same value, the actor's gradient reaches w through the frozen chain, and the steered model
+    keeps its critic kind through save/load."""
+    from sb3_uepo.uepo.steering import ActionCriticSAC
+
+    tiny = dict(TINY_SAC, policy_kwargs=dict(net_arch=[16, 16]))  # the tiny IQL critic's layout (16, 16)
+    model = diffusion_model(env=make_vec_env("Pendulum-v1", n_envs=1))
+    steered = model.steer(noise_bound=1.0, critic="action", **tiny)
+    agent = steered.agent
+    assert isinstance(agent, ActionCriticSAC)
+    q_state = model.offline_result.q_state_dict
+    for i, net in enumerate(agent.critic.q_networks):  # started from IQL's Q1 / Q2
+        for key, value in net.state_dict().items():
+            assert th.equal(value, q_state[f"q{i + 1}.{key}"]), key
+            assert th.equal(agent.critic_target.q_networks[i].state_dict()[key], value), key
+    obs = th.as_tensor(np.random.default_rng(0).normal(size=(5, 3)), dtype=th.float32)
+    w = th.rand(5, 1) * 2 - 1
+    policy = steered.policy
+    cond = policy.normalize_observation(obs)
+    action = th.as_tensor(policy.scale_action(decode_noise(policy, obs.numpy(), w.numpy())), dtype=th.float32)
+    expected = agent.critic.q_networks[0](th.cat([cond, action], dim=1))
+    th.testing.assert_close(agent.critic(obs, w)[0], expected, rtol=1e-4, atol=1e-5)
+    # the actor's gradient reaches w through the frozen chain where the chain's clips (the x_0 estimate's, the
+    # action's) do not bind; tiny policies saturate almost everywhere, so this one predicts eps = 0 (x_0 = x / sqrt(abar))
+    linear = [m for m in policy.denoiser.modules() if isinstance(m, th.nn.Linear)][-1]
+    with th.no_grad():
+        linear.weight.zero_()
+        linear.bias.zero_()
+    raw = steer(policy, "Pendulum-v1", noise_bound=1.0, critic="action", seed=0, **TINY_SAC).agent.critic
+    many_obs = th.as_tensor(np.random.default_rng(1).normal(size=(64, 3)), dtype=th.float32)
+    many_w = th.linspace(-1, 1, 64).reshape(64, 1).requires_grad_(True)
+    inside = raw.action_input(many_obs, many_w)[:, -1].abs() < 1
+    raw(many_obs, many_w)[0].sum().backward()
+    assert inside.any() and (~inside).any()
+    assert (many_w.grad[inside] != 0).all() and (many_w.grad[~inside] == 0).all()
+    frozen_before = {k: v.clone() for k, v in steered.policy.state_dict().items()}
+    critic_before = {k: v.clone() for k, v in agent.critic.state_dict().items()}
+    steered.learn(48)
+    assert all(th.equal(v, frozen_before[k]) for k, v in steered.policy.state_dict().items())
+    assert any(not th.equal(v, critic_before[k]) for k, v in agent.critic.state_dict().items())  # the critic learned
+    assert not any(k.startswith("_decoder") for k in agent.critic.state_dict())
+    steered.save(tmp_path / "steered.zip")
+    loaded = SteeredModel.load(tmp_path / "steered.zip")
+    assert isinstance(loaded.agent, ActionCriticSAC)
+    th.testing.assert_close(loaded.agent.critic(obs, w)[0], agent.critic(obs, w)[0])
+    np.testing.assert_allclose(
+        loaded.predict(obs.numpy(), deterministic=True)[0], steered.predict(obs.numpy(), deterministic=True)[0], rtol=1e-5
+    )
+    with pytest.raises(ValueError, match="critic must be one of"):
+        model.steer(critic="q")
+    with pytest.raises(ValueError, match="SAC"):
+        model.steer(TD3, critic="action")
+    with pytest.warns(UserWarning, match="starts fresh"):  # another layout: the critic cannot start from IQL's
+        model.steer(critic="action", **dict(tiny, policy_kwargs=dict(net_arch=[8])))

@@ -183,6 +183,13 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         f"(default: {NOISE_PENALTY})",
     )
     train.add_argument(
+        "--steer-critic",
+        default="noise",
+        choices=("noise", "action"),
+        help="steer: the SAC critic takes the noise (default) or the frozen policy's action, started from the offline "
+        "IQL critic (noise aliasing)",
+    )
+    train.add_argument(
         "--restart",
         action="store_true",
         help="discard the offline stage checkpoints of an earlier run on this --out (PATH_offline/) and start over",
@@ -511,7 +518,10 @@ def _online_phase(args: argparse.Namespace, model: Any, online_steps: int, model
             print("error: --online steer needs the DiffusionPolicy", file=sys.stderr)
             return None
         _section("Online steering of the initial noise (SAC; the diffusion policy frozen)")
-        model, kwargs = model.steer(noise_bound=args.noise_bound, noise_penalty=args.noise_penalty, verbose=0), {}
+        model, kwargs = (
+            model.steer(noise_bound=args.noise_bound, noise_penalty=args.noise_penalty, critic=args.steer_critic, verbose=0),
+            {},
+        )
     else:
         _section("Online fine-tuning")
         kwargs = {"callback": PeriodicCheckpoint(model_path, args.checkpoint_every)}

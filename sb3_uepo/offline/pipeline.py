@@ -165,6 +165,9 @@ class OfflineResult:
     member_state_dicts: list[dict[str, torch.Tensor]] = field(default_factory=list)
     member_seed_noises: list[torch.Tensor | None] = field(default_factory=list)
     initial_member_state_dicts: list[dict[str, torch.Tensor]] = field(default_factory=list)
+    # the IQL critic's Q networks (``q1.*``, ``q2.*``: normalised observation and action in [-1, 1] -> Q), e.g. to start
+    # the action-space critic of noise steering (``uepo/steering.py``); None when no critics were trained
+    q_state_dict: dict[str, torch.Tensor] | None = None
 
     def member(self, index: int, initial: bool = False) -> OfflineResult:
         """This result with member ``index`` in place of the chosen one (after offline PPO, or as initialised with
@@ -735,6 +738,13 @@ class OfflinePretrainer:
         return state, state, report
 
     # ------------------------------------------------------------------------------------------ result
+    def _q_state_dict(self) -> dict[str, torch.Tensor] | None:
+        """The IQL critic's ``q1.*`` / ``q2.*`` weights (None when no critic steps were trained)."""
+        critics = self.outputs.get("iql")
+        if critics is None or self.config.iql_steps <= 0:
+            return None
+        return {k: v.detach().cpu().clone() for k, v in critics.state_dict().items() if k.startswith(("q1.", "q2."))}
+
     def _result(self) -> OfflineResult:
         cfg, d = self.config, self.data
         state = self.outputs["offline_ppo"]
@@ -806,6 +816,7 @@ class OfflinePretrainer:
             member_state_dicts=member_states,
             member_seed_noises=noises,
             initial_member_state_dicts=initial_states,
+            q_state_dict=self._q_state_dict(),
         )
         log_values(self.logger, "offline/select", dict(chosen_member=float(index)), 0)
         return result

@@ -308,6 +308,7 @@ class OfflineHandoverMixin:
         noise_bound: float = NOISE_BOUND,
         n_envs: int = 1,
         noise_penalty: float = NOISE_PENALTY,
+        critic: str = "noise",
         **agent_kwargs: Any,
     ) -> Any:
         """Noise-space steering (DSRL): an SB3 off-policy agent (default SAC) learns which initial noise to give a
@@ -318,6 +319,8 @@ class OfflineHandoverMixin:
         :param n_envs: environments of the agent
         :param noise_penalty: ``lambda`` of the agent's reward term ``-lambda * ||w||^2``, a Gaussian prior on the noise
             (0: none)
+        :param critic: ``"noise"`` (the agent's critic takes the noise) or ``"action"`` (SAC whose critic takes the
+            frozen policy's action, started from the offline IQL critic when this session pretrained)
         :param agent_kwargs: keyword arguments of the agent
         :return: a :class:`~sb3_uepo.uepo.steering.SteeredModel`; call ``.learn(steps)``, ``.predict``, ``.save``
         """
@@ -329,8 +332,20 @@ class OfflineHandoverMixin:
         if env_id is None:
             raise ValueError("steering needs the model's environment id: build UEPO with a registered env")
         self._maybe_pretrain()
+        q_state_dict = getattr(self.offline_result, "q_state_dict", None) if critic == "action" else None
+        if critic == "action" and q_state_dict is None:
+            warnings.warn("no offline IQL critic in this session (a loaded model): the action-space critic starts fresh")
         return steer(
-            self.policy, env_id, agent_class, noise_bound, n_envs, self.seed, noise_penalty=noise_penalty, **agent_kwargs
+            self.policy,
+            env_id,
+            agent_class,
+            noise_bound,
+            n_envs,
+            self.seed,
+            noise_penalty=noise_penalty,
+            critic=critic,
+            q_state_dict=q_state_dict,
+            **agent_kwargs,
         )
 
     def set_reference_policy(self, policy_state: dict[str, th.Tensor] | None = None) -> None:

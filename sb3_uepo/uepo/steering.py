@@ -3,9 +3,11 @@ initial noise to give its deterministic sampler in each state (DSRL, Wagenmaker 
 
 Owns: :class:`NoiseSteeringWrapper` (a gymnasium wrapper whose action is the noise ``w``; the env receives the frozen
 policy's DDIM action from ``x_0 = w``), :func:`decode_noise` (noise -> env action, batched), its inverse
-:func:`invert_noise` (actions -> the noises that produce them) and :class:`SteeredModel`
-(the frozen policy and the off-policy agent as ONE model: ``learn``, ``predict`` (obs -> noise -> action), ``save`` /
-``load``). Must not touch: the diffusion policy's weights (they never change here), chain-PPO (``uepo.py``).
+:func:`invert_noise` (actions -> the noises that produce them), :class:`ActionCriticSAC` (SB3's SAC whose critic
+lives in the policy's ACTION space, ``Q(s, pi_DDIM(s, w))``, warm-started from the offline IQL critic: DSRL's
+noise-aliasing idea) and :class:`SteeredModel` (the frozen policy and the off-policy agent as ONE model: ``learn``,
+``predict`` (obs -> noise -> action), ``save`` / ``load``). Must not touch: the diffusion policy's weights (they never
+change here), chain-PPO (``uepo.py``).
 
 Why it works on a pretrained diffusion policy: the deterministic action is a function of the initial noise, and the
 same weights act very differently from different noises (on Hopper 9.5 to 64.0 normalised from 16 fixed noises; see
@@ -19,6 +21,7 @@ import copy
 import io
 import json
 import os
+import warnings
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -27,12 +30,16 @@ import gymnasium as gym
 import numpy as np
 import torch as th
 from gymnasium import spaces
+from stable_baselines3 import SAC
+from stable_baselines3.common.policies import ContinuousCritic
+from stable_baselines3.sac.policies import SACPolicy
 
 from sb3_uepo.common.io import atomic_path
 from sb3_uepo.common.policies import DiffusionPolicy
 from sb3_uepo.uepo.defaults import NOISE_BOUND, NOISE_PENALTY
 
 STEERING_FORMAT = 1
+CRITICS = ("noise", "action")
 
 
 def frozen_policy(policy: DiffusionPolicy) -> DiffusionPolicy:
@@ -172,6 +179,80 @@ class NoiseSteeringWrapper(gym.Wrapper):
         return obs, reward, terminated, truncated, info
 
 
+class ActionSpaceCritic(ContinuousCritic):
+    """SAC's twin critic evaluated in the frozen diffusion policy's ACTION space: ``Q(s, w) = Q_A(s_n, pi(s, b w))``,
+    with ``pi(s, x_0)`` the deterministic DDIM action (in [-1, 1]) of the initial noise ``x_0``, ``s_n`` the observation
+    normalised with the policy's fixed statistics and ``b`` the noise bound (SB3 hands critics the agent's action
+    rescaled to [-1, 1]).
+
+    Every noise that gives the same action gets the same value, and ``Q_A`` has the offline IQL critic's inputs, so its
+    weights can start from that critic (:meth:`ActionCriticSAC.load_action_critic`). The actor's gradient reaches
+    ``w`` through the frozen chain. The diffusion policy is held outside the module tree (:meth:`set_decoder`): its
+    weights are never trained, saved with the agent or moved by it.
+    """
+
+    def set_decoder(self, policy: DiffusionPolicy, noise_bound: float) -> None:
+        self._decoder = (policy, float(noise_bound))  # a tuple: not registered as a submodule
+
+    def action_input(self, obs: th.Tensor, actions: th.Tensor) -> th.Tensor:
+        """``[s_n, pi(s, b w)]``, the input of the action-space Q networks."""
+        decoder = getattr(self, "_decoder", None)
+        if decoder is None:
+            raise RuntimeError("ActionSpaceCritic has no diffusion policy: call ActionCriticSAC.set_decoder(policy, bound)")
+        policy, bound = decoder
+        cond = policy.normalize_observation(obs.float())
+        return th.cat([cond, _ddim_action(policy, cond, actions * bound)], dim=1)
+
+    def forward(self, obs: th.Tensor, actions: th.Tensor) -> tuple[th.Tensor, ...]:
+        q_input = self.action_input(obs, actions)
+        return tuple(q_net(q_input) for q_net in self.q_networks)
+
+    def q1_forward(self, obs: th.Tensor, actions: th.Tensor) -> th.Tensor:
+        return self.q_networks[0](self.action_input(obs, actions))
+
+
+class ActionCriticPolicy(SACPolicy):
+    """SAC's ``MlpPolicy`` with :class:`ActionSpaceCritic` as critic and target critic."""
+
+    def make_critic(self, features_extractor: Any = None) -> ContinuousCritic:
+        critic_kwargs = self._update_features_extractor(self.critic_kwargs, features_extractor)
+        return ActionSpaceCritic(**critic_kwargs).to(self.device)
+
+
+class ActionCriticSAC(SAC):
+    """SB3's SAC acting in the noise space of a frozen diffusion policy, with its critic in the ACTION space
+    (:class:`ActionSpaceCritic`; DSRL's noise aliasing, Wagenmaker et al. 2025). SAC's own update runs unchanged:
+    the critic's targets and the actor's gradient pass through the frozen DDIM chain.
+
+    Call :meth:`set_decoder` before learning (``steer(..., critic="action")`` and :meth:`SteeredModel.load` do).
+    """
+
+    policy_aliases = {"MlpPolicy": ActionCriticPolicy}  # type: ignore[assignment]
+
+    def set_decoder(self, policy: DiffusionPolicy, noise_bound: float) -> None:
+        """Give the critic and its target the frozen diffusion policy that turns noises into actions."""
+        for critic in (self.critic, self.critic_target):
+            critic.set_decoder(policy, noise_bound)  # type: ignore[operator]
+
+    def load_action_critic(self, q_state_dict: dict[str, th.Tensor]) -> bool:
+        """Start both Q networks (and their targets) from the offline IQL critic's ``q1`` / ``q2`` (keys
+        ``"q1.<param>"``, ``"q2.<param>"``), which take the same input: the normalised observation and the action in
+        [-1, 1]. Returns False, changing nothing, when the layouts differ (e.g. another ``net_arch``).
+        """
+        nets = self.critic.q_networks
+        states = [{k[len(f"q{i + 1}.") :]: v for k, v in q_state_dict.items() if k.startswith(f"q{i + 1}.")} for i in range(2)]
+        if len(nets) != 2 or any(
+            set(state) != set(net.state_dict()) or any(state[k].shape != v.shape for k, v in net.state_dict().items())
+            for state, net in zip(states, nets, strict=True)
+        ):
+            return False
+        with th.no_grad():
+            for state, net in zip(states, nets, strict=True):
+                net.load_state_dict(state)
+        self.critic_target.load_state_dict(self.critic.state_dict())
+        return True
+
+
 class SteeredModel:
     """A frozen diffusion policy steered through its initial noise by an SB3 off-policy agent; one model.
 
@@ -187,6 +268,8 @@ class SteeredModel:
     def __init__(self, policy: DiffusionPolicy, agent: Any, noise_bound: float, noise_penalty: float = 0.0) -> None:
         self.policy, self.agent, self.noise_bound = policy, agent, float(noise_bound)
         self.noise_penalty = float(noise_penalty)
+        if isinstance(agent, ActionCriticSAC):
+            agent.set_decoder(policy, self.noise_bound)
 
     @property
     def num_timesteps(self) -> int:
@@ -250,7 +333,9 @@ class SteeredModel:
             raise ValueError(f"{path} is not a steered model saved by SteeredModel.save ({exc})") from exc
         policy = DiffusionPolicy(**payload["constructor"])
         policy.load_state_dict(payload["state_dict"])
-        agent_class = agent_class or getattr(stable_baselines3, meta["agent_class"])
+        if agent_class is None:
+            name = meta["agent_class"]
+            agent_class = ActionCriticSAC if name == ActionCriticSAC.__name__ else getattr(stable_baselines3, name)
         agent = agent_class.load(io.BytesIO(agent_bytes), env=env)
         return cls(frozen_policy(policy), agent, meta["noise_bound"], meta.get("noise_penalty", 0.0))
 
@@ -264,6 +349,8 @@ def steer(
     seed: int | None = None,
     start_at_zero_noise: bool = True,
     noise_penalty: float = NOISE_PENALTY,
+    critic: str = "noise",
+    q_state_dict: dict[str, th.Tensor] | None = None,
     **agent_kwargs: Any,
 ) -> SteeredModel:
     """Build a :class:`SteeredModel`: ``agent_class`` (default SB3's SAC) in the noise space of a frozen copy of
@@ -278,11 +365,18 @@ def steer(
     :param start_at_zero_noise: zero the agent's mean head (:func:`zero_actor_output`), so that steering starts at the
         pretrained policy's deterministic action (``x_0 = 0``)
     :param noise_penalty: ``lambda`` of the agent's reward term ``-lambda * ||w||^2`` (:class:`NoiseSteeringWrapper`)
+    :param critic: ``"noise"``: the agent's critic takes the noise, ``Q(s, w)`` (DSRL-SAC); ``"action"``:
+        :class:`ActionCriticSAC`, whose critic takes the frozen policy's action, ``Q(s, pi(s, w))`` (noise aliasing)
+    :param q_state_dict: with ``critic="action"``, the offline IQL critic's ``q1.*`` / ``q2.*`` weights to start the
+        critic from (:attr:`OfflineResult.q_state_dict`); None starts it fresh
     :param agent_kwargs: keyword arguments of the agent (``learning_starts``, ``buffer_size``, ...)
     """
-    from stable_baselines3 import SAC
     from stable_baselines3.common.env_util import make_vec_env
 
+    if critic not in CRITICS:
+        raise ValueError(f"critic must be one of {CRITICS}, got {critic!r}")
+    if critic == "action" and agent_class not in (None, SAC, ActionCriticSAC):
+        raise ValueError(f"critic='action' steers with SAC (ActionCriticSAC); got agent_class={agent_class.__name__}")
     frozen = frozen_policy(policy)
     env = make_vec_env(
         env_id,
@@ -291,7 +385,16 @@ def steer(
         wrapper_class=NoiseSteeringWrapper,
         wrapper_kwargs=dict(policy=frozen, noise_bound=noise_bound, noise_penalty=noise_penalty),
     )
-    agent = (agent_class or SAC)("MlpPolicy", env, seed=seed, **agent_kwargs)
+    if critic == "action":
+        agent = ActionCriticSAC("MlpPolicy", env, seed=seed, **agent_kwargs)
+        agent.set_decoder(frozen, noise_bound)
+        if q_state_dict is not None and not agent.load_action_critic(q_state_dict):
+            warnings.warn(
+                "the offline IQL critic's layout differs from the steering critic's (policy_kwargs net_arch): "
+                "the action-space critic starts fresh"
+            )
+    else:
+        agent = (agent_class or SAC)("MlpPolicy", env, seed=seed, **agent_kwargs)
     if start_at_zero_noise:
         zero_actor_output(agent)
     return SteeredModel(frozen, agent, noise_bound, noise_penalty)
